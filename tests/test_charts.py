@@ -54,6 +54,8 @@ def test_panels_skip_missing_and_all_null_columns(metrics):
     assert series["clip / masked fraction"] == ["offpolicy/clipfrac"]  # masked_frac all null
     assert series["accuracy (held-out, train)"] == ["eval/accuracy", "reward/accuracy"]
     assert all(c in {c for _, cols in PANELS for c in cols} for s in series.values() for c in s)
+    for panel in run_chart(metrics).to_dict()["concat"]:  # float-noise values (1e-13) get short tick labels
+        assert panel["layer"][0]["encoding"]["y"]["axis"]["format"] == ".3~g"
 
 
 def test_sparse_eval_rows_are_points_and_gaps_are_nulls(metrics):

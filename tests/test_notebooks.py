@@ -22,9 +22,10 @@ NOTEBOOKS = sorted(notebooks_dir().glob("*.ipynb"))
 LIMIT = 120.0  # seconds: each notebook under ci.yaml
 
 
-def test_the_four_notebooks_exist():
+def test_the_five_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_staleness_and_clipping_live",
-                                           "03_objectives_explained", "04_same_batch_replay"]
+                                           "03_objectives_explained", "04_same_batch_replay",
+                                           "05_prosperity_before_collapse"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -132,3 +133,19 @@ def test_04_same_batch_replay(tmp_path):
     assert 0.0 < s["ess_token"] <= 1.0
     d = Path(s["summary_path"]).parent
     assert pl.read_parquet(d / "replay.parquet").height == len(s["objectives"]) + 1
+
+
+def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
+    s = run_notebook("05", params_file=CI, cwd=tmp_path)
+    _check_time(s)
+    assert s["runs"] == 3 and s["failed"] == 0  # on-policy + ppo_clip, m2po at staleness 2, one seed
+    assert s["staleness"] == [2] and s["objectives"] == ["ppo_clip", "m2po"] and s["steps"] == 4
+    assert set(s["checks"]) == {"a", "b", "c", "d"} and s["checks"]["a"] is True
+    assert s["checks"]["b"] is None  # no `is` in this grid: the statement cannot be measured
+    cells = {(r["objective"], r["staleness"]) for r in s["table"]}
+    assert cells == {("on-policy", 0), ("ppo_clip", 2), ("m2po", 2)}
+    d = Path(s["summary_path"]).parent
+    for stem in ("accuracy", "zeroed", "m2", "ess", "entropy", "response_len"):
+        assert (d / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
+    sweep_runs = pl.read_parquet(tmp_path / "runs" / "prosperity-stale" / "sweep_runs.parquet")
+    assert sweep_runs["status"].to_list() == ["ok", "ok"]

@@ -76,7 +76,8 @@ def _panel(
         legend = alt.Legend(title=None, orient="bottom", direction="vertical", labelLimit=width)
     base = alt.Chart(alt.Data(values=rows)).encode(
         x=alt.X("step:Q", title=step, axis=alt.Axis(tickMinStep=1, format="d")),
-        y=alt.Y("value:Q", title=cols[0] if len(cols) == 1 else None, scale=alt.Scale(zero=False)),
+        y=alt.Y("value:Q", title=cols[0] if len(cols) == 1 else None, scale=alt.Scale(zero=False),
+                axis=alt.Axis(format=".3~g")),  # on-policy M2 is float noise (1e-13): short labels
         color=alt.Color("series:N", legend=legend, sort=cols),
         tooltip=[
             alt.Tooltip("series:N"), alt.Tooltip("step:Q", title=step), alt.Tooltip("value:Q", format=".4g"),

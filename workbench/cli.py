@@ -1,4 +1,4 @@
-"""Command line: ``python -m workbench run|resume|list|lint|docs|notebook|sweep``.
+"""Command line: ``python -m workbench run|resume|list|lint|docs|notebook|sweep|report``.
 
 Every ``RunConfig`` field is a flag (``--staleness 64``, ``--objective m2po``); dict fields take
 ``key=value`` pairs (``--objective-params tau=0.08 variant=cap``). ``--help`` lists the registered
@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=_registries_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _sweep_arguments(sweep_p)
     _add_config_flags(sweep_p)
+    from .prosperity import add_arguments as _report_arguments
+
+    report_p = sub.add_parser("report", help="reproduce 'prosperity before collapse' at CPU scale: sweeps + "
+                              "reports/prosperity.md")
+    _report_arguments(report_p)
     return parser
 
 
@@ -160,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import cli_main
 
             return cli_main(args)
+        if args.command == "report":
+            from .prosperity_report import cli_main as report_main
+
+            return report_main(args)
         if args.command == "lint":
             warnings = _print_lint(config_from_args(args), sys.stdout)
             if not warnings:
