@@ -142,6 +142,7 @@ def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
     assert s["staleness"] == [2] and s["objectives"] == ["ppo_clip", "m2po"] and s["steps"] == 4
     assert set(s["checks"]) == {"a", "b", "c", "d"} and s["checks"]["a"] is True
     assert s["checks"]["b"] is None  # no `is` in this grid: the statement cannot be measured
+    assert s["drift_matched_staleness"] in (None, 2)  # None when ppo_clip clipped nothing in 4 updates
     cells = {(r["objective"], r["staleness"]) for r in s["table"]}
     assert cells == {("on-policy", 0), ("ppo_clip", 2), ("m2po", 2)}
     d = Path(s["summary_path"]).parent

@@ -10,9 +10,9 @@ import pytest
 
 from workbench import cli
 from workbench.errors import WorkbenchError
-from workbench.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, load_sweeps, resolve_size, run_sweeps,
-                                  runs_table, summary_table, tiny_base)
-from workbench.prosperity_report import curve_frame, markdown_table, render_markdown, write_report
+from workbench.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
+                                  resolve_size, run_sweeps, runs_table, summary_table, tiny_base)
+from workbench.prosperity_report import curve_frame, drift_table, markdown_table, render_markdown, write_report
 
 
 def fake_run(run, objective, staleness, seed, acc, initial, *, clip=0.0, masked=0.0, truncated=0.0, m2=0.0):
@@ -88,6 +88,22 @@ def test_the_checks_say_what_does_not_hold():
                                       fake_run("m", "m2po", 64, 0, [0.3] * 3, 0.25)]), command="cmd")
     assert "(c) at staleness 64, m2po ends within 3 points of on-policy: **does not hold**" in text
     assert "(b) stale IS improves then degrades; clipping alone degrades: not measured" in text
+
+
+def test_drift_matched_staleness_is_where_ppo_clip_clips_like_the_paper():
+    table = _table()  # ppo_clip at 64 clips 2% (the only ppo_clip cell)
+    assert drift_matched_staleness(table) == 64
+    df = pl.concat([fake_run(f"c{s}", "ppo_clip", s, 0, [0.4] * 3, 0.25, clip=z, m2=z)
+                    for s, z in ((4, 0.001), (16, 0.01), (64, 0.05), (256, 0.11))])
+    t = summary_table(runs_table(df))
+    # |log(z / 0.0122)|: 16 -> 0.20, 64 -> 1.41: staleness 16 is closest to the paper's 1.22%
+    assert drift_matched_staleness(t) == 16 and drift_matched_staleness(t, target=0.08) == 256
+    assert drift_matched_staleness(summary_table(runs_table(fake_run("m", "m2po", 8, 0, [0.3] * 3, 0.25)))) is None
+    lines = drift_table(t).splitlines()
+    assert lines[2] == "| 4 | 0.10 | 0.0010 |" and lines[-1] == "| 256 in the paper | 1.22 | |"
+    # checks at a chosen staleness look only at that staleness
+    assert "staleness 16" in check_claims(_table(), staleness=16)[2].statement
+    assert check_claims(_table(), staleness=16)[1].holds is None  # no is / ppo_clip at 16
 
 
 def test_no_reference_means_nothing_is_claimed():

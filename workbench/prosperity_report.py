@@ -22,7 +22,8 @@ import altair as alt
 import polars as pl
 
 from .errors import WorkbenchError
-from .prosperity import FINAL_EVALS, ONPOLICY, SIZES, Check, check_claims, runs_table, summary_table
+from .prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, Check, check_claims, drift_matched_staleness,
+                         runs_table, summary_table)
 
 # (file stem, column(s) summed into the value, title)
 FIGURES: list[tuple[str, tuple[str, ...], str]] = [
@@ -139,6 +140,15 @@ def markdown_table(table: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def drift_table(table: pl.DataFrame) -> str:
+    """Staleness -> ppo_clip's clipped fraction and the mean M2 of its batches (Markdown)."""
+    rows = table.filter(pl.col("objective") == "ppo_clip").sort("staleness")
+    lines = ["| staleness | ppo_clip clipped tokens (%) | M2 of its batches |", "|---|---|---|"]
+    lines += [f"| {r['staleness']} | {100 * r['zeroed']:.2f} | {r['m2']:.4f} |" for r in rows.iter_rows(named=True)]
+    lines.append(f"| 256 in the paper | {100 * PAPER_CLIPFRAC:.2f} | |")
+    return "\n".join(lines)
+
+
 def _check_lines(checks: list[Check]) -> list[str]:
     mark = {True: "holds", False: "**does not hold**", None: "not measured"}
     return [f"- ({c.name}) {c.statement}: {mark[c.holds]}. {c.evidence}." for c in checks]
@@ -160,6 +170,7 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     runs = runs_table(df)
     table = summary_table(runs)
     checks = check_claims(table)
+    matched = drift_matched_staleness(table)
     stale = sorted(s for s in table["staleness"].unique().to_list() if s > 0)
     steps = int(runs["updates"].max())
     failed = df.filter(pl.col("status") != "ok")["run"].unique().to_list() if "status" in df.columns else []
@@ -185,7 +196,19 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
         out.append(f"- Compute: {seconds / 60:.0f} run-minutes in total.")
     if failed:
         out.append(f"- Failed runs (excluded): {', '.join(failed)}.")
-    out += ["", "## The four statements", ""] + _check_lines(checks)
+    highest = max(stale) if stale else None
+    out += ["", f"## The four statements at the highest staleness ({highest})", ""] + _check_lines(checks)
+    out += ["", "## How stale is stale: a drift gauge", "",
+            "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
+            "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
+            f"units here and in the paper, where GRPO clipped {100 * PAPER_CLIPFRAC:.2f}% of tokens at staleness "
+            "256:", "", drift_table(table), ""]
+    if matched is not None and matched != highest:
+        out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
+                f"staleness-256 data. The four statements at staleness {matched}:", ""]
+        out += _check_lines(check_claims(table, staleness=matched))
+    elif matched is not None:
+        out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
     out += ["", "## Objective x staleness", "", markdown_table(table), ""]
     if figure_stems:
         out += ["## Figures", "", "Lines are the mean over seeds, bands the seeds' range; the dashed line is the "
@@ -194,11 +217,12 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
             if stem in figure_stems:
                 out += [f"### {title}", "", f"![{title}]({figure_dir}/{stem}.png)", ""]
     out += ["## Scale, and what does not reproduce", "", f"The paper: {PAPER}", ""]
-    misses = [c for c in checks if c.holds is False]
-    if misses:
-        out.append("Here, " + "; ".join(f"({c.name}) {c.statement} does not hold" for c in misses) + ".")
-    else:
-        out.append("Here, every statement measured holds at this scale.")
+    for st in dict.fromkeys(x for x in (highest, matched) if x is not None):
+        misses = [c for c in check_claims(table, staleness=st) if c.holds is False]
+        if misses:
+            out.append(f"- At staleness {st}: " + "; ".join(f"({c.name}) does not hold" for c in misses) + ".")
+        else:
+            out.append(f"- At staleness {st}: every statement measured holds.")
     return "\n".join(out) + "\n"
 
 
@@ -239,13 +263,19 @@ def cli_main(args) -> int:
         seconds = float(df["perf/time_step"].sum())
     command = "python -m workbench report" + ("" if args.size == "cpu" else f" --size {args.size}")
     write_report(df, args.out, command=command, base=sweep_base(args.out_dir), size=args.size, seconds=seconds, log=log)
-    for line in _check_lines(check_claims(summary_table(runs_table(df)))):
+    table = summary_table(runs_table(df))
+    for line in _check_lines(check_claims(table)):
         print(line)
+    matched = drift_matched_staleness(table)
+    if matched is not None:
+        print(f"drift-matched staleness: {matched}")
+        for line in _check_lines(check_claims(table, staleness=matched)):
+            print(line)
     log(f"report done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
-__all__ = ["FIGURES", "curve_chart", "curve_frame", "figures", "markdown_table", "render_markdown", "show_chart", "write_report"]
+__all__ = ["FIGURES", "curve_chart", "curve_frame", "figures", "drift_table", "markdown_table", "render_markdown", "show_chart", "write_report"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use: python -m workbench report")
