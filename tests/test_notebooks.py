@@ -148,5 +148,5 @@ def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
     d = Path(s["summary_path"]).parent
     for stem in ("accuracy", "zeroed", "m2", "ess", "entropy", "response_len"):
         assert (d / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
-    sweep_runs = pl.read_parquet(tmp_path / "runs" / "prosperity-stale" / "sweep_runs.parquet")
+    sweep_runs = pl.read_parquet(next((tmp_path / "runs").glob("prosperity-*-stale")) / "sweep_runs.parquet")
     assert sweep_runs["status"].to_list() == ["ok", "ok"]

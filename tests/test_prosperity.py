@@ -11,7 +11,7 @@ import pytest
 from workbench import cli
 from workbench.errors import WorkbenchError
 from workbench.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
-                                  resolve_size, run_sweeps, runs_table, summary_table, tiny_base)
+                                  resolve_size, run_sweeps, runs_table, summary_table, sweep_prefix, tiny_base)
 from workbench.prosperity_report import curve_frame, drift_table, markdown_table, render_markdown, write_report
 
 
@@ -139,6 +139,17 @@ def test_markdown_table_formats_points_and_spreads():
     assert any(line.startswith("| 64 | m2po | 1 | 48.0 | 48.0 | 0 of 1 | 0.100 |") for line in lines)
 
 
+def test_sweep_prefix_separates_sizes_and_bases():
+    assert sweep_prefix("cpu") == "prosperity" and sweep_prefix("workshop") == "prosperity-workshop"
+    assert sweep_prefix(resolve_size("workshop")) == "prosperity-workshop"
+    changed = resolve_size("workshop", steps=10)
+    assert sweep_prefix(changed).startswith("prosperity-custom-") and sweep_prefix(changed) != sweep_prefix(
+        resolve_size("workshop", steps=11))
+    from workbench.prosperity import base_config
+
+    assert sweep_prefix("cpu", base_config(SIZES["cpu"], lr=1e-4)).startswith("prosperity-custom-")
+
+
 def test_resolve_size_validates_overrides():
     s = resolve_size("workshop", steps=4, staleness="2, 8", objectives="ppo_clip,m2po", seeds=3)
     assert (s.steps, s.staleness, s.objectives, s.seeds) == (4, (2, 8), ("ppo_clip", "m2po"), 3)
@@ -157,6 +168,8 @@ def test_tiny_sweeps_report_and_cli(tmp_path, capsys):
     out = str(tmp_path / "runs")
     size = resolve_size("workshop", steps=4, staleness="2", objectives="ppo_clip,m2po", seeds=1)
     logs = []
+    prefix = sweep_prefix(size, tiny_base(size, out), out)
+    assert prefix.startswith("prosperity-custom-") and prefix == sweep_prefix(size, tiny_base(size, out), out)
     df = run_sweeps(size, base=tiny_base(size, out), workers=0, progress=False, log=logs.append)
     assert sorted(df["objective"].unique().to_list()) == sorted([ONPOLICY, "ppo_clip", "m2po"])
     runs = runs_table(df)
@@ -173,8 +186,8 @@ def test_tiny_sweeps_report_and_cli(tmp_path, capsys):
     # resumable: the same sweeps again run nothing; the CLI rebuilds the report from disk
     run_sweeps(size, base=tiny_base(size, out), workers=0, progress=False, log=logs.append)
     assert sum("already complete, 0 to run" in line for line in logs) == 2
-    assert load_sweeps(out).height == df.height
-    assert cli.main(["report", "--no-run", "--out-dir", out, "--out", str(tmp_path / "cli.md")]) == 0
+    assert load_sweeps(out, prefix).height == df.height
+    assert cli.main(["report", "--no-run", "--out-dir", out, "--prefix", prefix, "--out", str(tmp_path / "cli.md")]) == 0
     printed = capsys.readouterr().out
     assert "(a) on-policy reference final accuracy: holds" in printed
     assert math.isfinite(runs["m2"].sum())

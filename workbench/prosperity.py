@@ -128,18 +128,37 @@ def tiny_base(size: Size, out_dir: str = "runs"):
                        group_size=4, eval_every=2, eval_size=8, lr=1e-2, task_params={"heldout_size": 8})
 
 
-def run_sweeps(size: str | Size = "cpu", *, base=None, out_dir: str = "runs", prefix: str = "prosperity",
+def sweep_prefix(size: str | Size = "cpu", base=None, out_dir: str = "runs") -> str:
+    """The sweeps' folder prefix: ``prosperity`` for the report's grid (``cpu`` on the default base),
+    ``prosperity-<size>`` for another named size, ``prosperity-custom-<hash>`` for anything else, so
+    different grids or bases never share (and never overwrite) each other's runs."""
+    import hashlib
+    import json
+
+    size = _size(size)
+    default = base_config(size, out_dir)
+    if base is None or base.to_dict() == default.to_dict():
+        for name, known in SIZES.items():
+            if known == size:
+                return "prosperity" if name == "cpu" else f"prosperity-{name}"
+    key = json.dumps({"size": repr(size), "base": (base or default).to_dict()}, sort_keys=True, default=str)
+    return "prosperity-custom-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def run_sweeps(size: str | Size = "cpu", *, base=None, out_dir: str = "runs", prefix: str | None = None,
                workers: int | None = None, threads_per_run: int = 1, ray: str | None = None,
                progress: bool = True, log: Callable[[str], None] = print) -> pl.DataFrame:
     """Run (or resume) the on-policy reference and the stale grid; returns their merged metrics.
 
-    ``base`` replaces ``base_config(size, out_dir)`` (tests pass a tiny model). The result has one
-    row per (run, update) with ``objective`` = ``ON_POLICY`` for the reference runs.
+    ``base`` replaces ``base_config(size, out_dir)`` (tests pass a tiny model). The folders are
+    ``<out_dir>/<prefix>-onpolicy`` and ``-stale`` (``prefix`` default: ``sweep_prefix``). The result
+    has one row per (run, update) with ``objective`` = ``ON_POLICY`` for the reference runs.
     """
     from .sweep import sweep
 
     size = _size(size)
     base = base if base is not None else base_config(size, out_dir)
+    prefix = prefix or sweep_prefix(size, base, base.out_dir or "runs")
     common = dict(seeds=size.seeds, workers=workers, threads_per_run=threads_per_run, ray=ray, progress=progress,
                   log=log)
     sweep(base, {"staleness": [0], "objective": ["ppo_clip"]}, name=f"{prefix}-onpolicy", **common)
@@ -364,13 +383,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores // threads)")
     parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run the cells as Ray tasks")
+    parser.add_argument("--prefix", default=None,
+                        help="sweep folders <out-dir>/<prefix>-onpolicy and -stale (default: prosperity for --size "
+                             "cpu, prosperity-<size> otherwise)")
     parser.add_argument("--no-run", action="store_true", help="only rebuild the report from the sweeps on disk")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 
 __all__ = ["FINAL_EVALS", "ONPOLICY", "SIZES", "STATS", "Check", "Size", "add_arguments", "base_config", "check_claims", "drift_matched_staleness", "PAPER_CLIPFRAC", "resolve_size", "tiny_base",
-           "collapse_update", "load_sweeps", "run_sweeps", "runs_table", "summary_table", "sweep_base"]
+           "collapse_update", "load_sweeps", "run_sweeps", "runs_table", "summary_table", "sweep_base", "sweep_prefix"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -249,20 +249,21 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
 # ----------------------------------------------------------------------------- CLI
 def cli_main(args) -> int:
     """``python -m workbench report``: run (or resume) the sweeps and write the report."""
-    from .prosperity import load_sweeps, run_sweeps, sweep_base
+    from .prosperity import load_sweeps, run_sweeps, sweep_base, sweep_prefix
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    prefix = args.prefix or sweep_prefix(args.size, out_dir=args.out_dir)
     if args.no_run:
-        df = load_sweeps(args.out_dir)
+        df = load_sweeps(args.out_dir, prefix)
     else:
-        df = run_sweeps(args.size, out_dir=args.out_dir, workers=args.workers, threads_per_run=args.threads_per_run,
+        df = run_sweeps(args.size, out_dir=args.out_dir, prefix=prefix, workers=args.workers, threads_per_run=args.threads_per_run,
                         ray=args.ray, progress=not args.no_progress, log=log)
     seconds = None
     if "perf/time_step" in df.columns:
         seconds = float(df["perf/time_step"].sum())
     command = "python -m workbench report" + ("" if args.size == "cpu" else f" --size {args.size}")
-    write_report(df, args.out, command=command, base=sweep_base(args.out_dir), size=args.size, seconds=seconds, log=log)
+    write_report(df, args.out, command=command, base=sweep_base(args.out_dir, prefix), size=args.size, seconds=seconds, log=log)
     table = summary_table(runs_table(df))
     for line in _check_lines(check_claims(table)):
         print(line)
