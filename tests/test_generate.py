@@ -9,7 +9,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.generate import (
-    Sampler, SamplingParams, TransformersSampler, greedy_accuracy, process_logits,
+    Sampler, SamplingParams, TransformersSampler, build_rollouts, greedy_accuracy, process_logits,
 )
 from workbench.logprobs import token_logprobs
 from workbench.tasks import Example
@@ -227,3 +227,29 @@ def test_stops_on_every_eos_of_the_generation_config(tiny_model, tokenizer, addi
     tiny_model.generation_config.eos_token_id = [tokenizer.eos_token_id, 5]
     r = _gen(TransformersSampler(tiny_model, tokenizer), ex, temperature=0.0, max_new_tokens=6)
     assert r.response_ids.shape == (24, 1) and r.response_mask.eq(1).all()
+
+
+def test_build_rollouts_exact_fields(tokenizer):
+    """The helper both samplers return through: prompts repeated per sample, version/group ids,
+    completions decoded from the masked response tokens only (EOS and padding skipped)."""
+    ex = [Example("1+2=", "3", {"k": 1}), Example("10+2=", "12")]
+    # char ids: pad 0, eos 2, '0'..'9' = 4..13, '+' 40, '=' 44
+    prompt_ids = torch.tensor([[0, 5, 40, 6, 44], [5, 4, 40, 6, 44]])  # [N=2, P=5], left-padded
+    prompt_mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])  # [N, P]
+    resp = torch.tensor([[7, 2, 0], [7, 4, 2], [5, 6, 2], [8, 4, 4]])  # [B=4, T=3]
+    resp_mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])  # [B, T]
+    logps = torch.tensor([[-0.5, -0.1, 0], [-1, -2, -3], [-0.25, -0.5, -0.75], [-4, 0, 0]])  # [B, T]
+    r = build_rollouts(ex, 2, prompt_ids, prompt_mask, resp, resp_mask, logps, 3, tokenizer)
+    assert torch.equal(r.prompt_ids, torch.tensor([[0, 5, 40, 6, 44]] * 2 + [[5, 4, 40, 6, 44]] * 2))
+    assert torch.equal(r.prompt_mask, torch.tensor([[0, 1, 1, 1, 1]] * 2 + [[1, 1, 1, 1, 1]] * 2))
+    assert r.prompt_ids.dtype == r.prompt_mask.dtype == torch.long
+    assert r.response_ids is resp and r.response_mask is resp_mask and r.behavior_logprobs is logps
+    assert torch.equal(r.policy_version, torch.tensor([3, 3, 3, 3])) and r.policy_version.dtype == torch.long
+    assert torch.equal(r.group_id, torch.tensor([0, 0, 1, 1])) and r.group_id.dtype == torch.long
+    assert r.completions == ["3", "30", "12", "4"]  # masked-out '0's of the last row are not decoded
+    assert r.prompts == ["1+2=", "1+2=", "10+2=", "10+2="]
+    assert r.answers == ["3", "3", "12", "12"]
+    assert r.extras == [{"k": 1}, {"k": 1}, {}, {}]
+    r.extras[0]["k"] = 99
+    assert ex[0].extra == {"k": 1} and r.extras[1] == {"k": 1}  # a copy per row
+    assert len(r) == 4 and r.rewards is None and r.advantages is None

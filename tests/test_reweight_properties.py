@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from workbench.reweight import AGGREGATIONS, OBJECTIVES, policy_loss
 
-from test_reweight_seed import make_context  # group ids, rewards, state, reference / expert log-probs
+from reweight_helpers import make_context  # group ids, rewards, state, reference / expert log-probs
 
 torch.set_num_threads(1)
 

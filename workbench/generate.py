@@ -101,6 +101,50 @@ def check_generate_args(examples: list[Example], group_size: int, params: Sampli
         raise WorkbenchError("examples=[] is invalid: expected at least one example")
 
 
+def build_rollouts(
+    examples: list[Example],
+    group_size: int,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    policy_version: int,
+    tokenizer,
+) -> Rollouts:
+    """The ``Rollouts`` every ``Sampler.generate`` returns: one row per (example, sample).
+
+    N = ``len(examples)`` prompts, G = ``group_size`` samples each, B = N * G rows grouped by
+    example (rows ``i * G .. i * G + G - 1`` answer ``examples[i]``). Inputs (CPU):
+        prompt_ids         [N, P] long   one left-padded row per example (``encode_prompts``)
+        prompt_mask        [N, P] long   1 = real prompt token
+        response_ids       [B, T] long   right-padded
+        response_mask      [B, T] float  1.0 = real response token
+        behavior_logprobs  [B, T] float  log-prob of each sampled token (0 on padding)
+    Prompts are repeated G times; ``policy_version`` [B] is ``int(policy_version)``; ``group_id``
+    [B] is the example index; ``completions`` decode each row's masked response tokens with
+    special tokens skipped and no clean-up of tokenization spaces; ``prompts``, ``answers`` and
+    ``extras`` (copied dicts) come from the examples. Response tensors are used as given."""
+    rows = [ex for ex in examples for _ in range(group_size)]
+    completions = tokenizer.batch_decode(
+        [r[m.bool()].tolist() for r, m in zip(response_ids, response_mask)],
+        skip_special_tokens=True, clean_up_tokenization_spaces=False,
+    )
+    return Rollouts(
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),  # [B, P]
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),  # [B, P]
+        response_ids=response_ids,  # [B, T]
+        response_mask=response_mask,  # [B, T]
+        behavior_logprobs=behavior_logprobs,  # [B, T]
+        policy_version=torch.full((len(rows),), int(policy_version), dtype=torch.long),  # [B]
+        group_id=torch.arange(len(examples), dtype=torch.long).repeat_interleave(group_size),  # [B]
+        prompts=[ex.prompt for ex in rows],
+        completions=completions,
+        answers=[ex.answer for ex in rows],
+        extras=[dict(ex.extra) for ex in rows],
+    )
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p; removed tokens get -inf. ``logits`` [B, V] -> [B, V]."""
     logits = logits.float() / params.temperature  # [B, V]
@@ -162,11 +206,7 @@ class TransformersSampler:
         policy_version: int,
     ) -> Rollouts:
         check_generate_args(examples, group_size, params)
-        rows = [ex for ex in examples for _ in range(group_size)]
-        group_id = torch.arange(len(examples), dtype=torch.long).repeat_interleave(group_size)  # [B]
         ids, mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])  # [N, P]
-        prompt_ids = ids.repeat_interleave(group_size, dim=0)  # [B, P]
-        prompt_mask = mask.repeat_interleave(group_size, dim=0)  # [B, P]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -178,24 +218,9 @@ class TransformersSampler:
         finally:
             self.model.train(was_training)
         # Clone outside inference mode: inference tensors cannot enter autograd graphs later.
-        resp, resp_mask, logps = (t.cpu().clone() for t in (resp, resp_mask, logps))
-        completions = self.tokenizer.batch_decode(
-            [r[m.bool()].tolist() for r, m in zip(resp, resp_mask)],
-            skip_special_tokens=True, clean_up_tokenization_spaces=False,
-        )
-        return Rollouts(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=resp,
-            response_mask=resp_mask,
-            behavior_logprobs=logps,
-            policy_version=torch.full((len(rows),), int(policy_version), dtype=torch.long),
-            group_id=group_id,
-            prompts=[ex.prompt for ex in rows],
-            completions=completions,
-            answers=[ex.answer for ex in rows],
-            extras=[dict(ex.extra) for ex in rows],
-        )
+        resp, resp_mask, logps = (t.cpu().clone() for t in (resp, resp_mask, logps))  # [B, T]
+        return build_rollouts(examples, group_size, ids, mask, resp, resp_mask, logps,
+                              policy_version, self.tokenizer)
 
     def _sample(self, prompt_ids, prompt_mask, group_size: int, params: SamplingParams, generator):
         """Decode loop over N distinct prompts x ``group_size`` samples (B = N * group_size rows).
@@ -281,5 +306,5 @@ def greedy_accuracy(model, tokenizer, task: "Task", examples: list[Example] | No
     return correct / len(examples)
 
 
-__all__ = ["SamplingParams", "Sampler", "TransformersSampler", "check_generate_args", "greedy_accuracy",
-           "process_logits", "encode_prompts"]
+__all__ = ["SamplingParams", "Sampler", "TransformersSampler", "check_generate_args", "build_rollouts",
+           "greedy_accuracy", "process_logits", "encode_prompts"]

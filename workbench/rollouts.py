@@ -118,7 +118,7 @@ def _pad_cat(tensors: list[torch.Tensor], value: float, left: bool) -> torch.Ten
     for t in tensors:
         pad = width - t.shape[1]
         if pad:
-            padding = torch.full((t.shape[0], pad), value, dtype=t.dtype)
+            padding = torch.full((t.shape[0], pad), value, dtype=t.dtype, device=t.device)
             t = torch.cat([padding, t] if left else [t, padding], dim=1)
         out.append(t)
     return torch.cat(out, dim=0)

@@ -196,7 +196,7 @@ def _check_output(name: str, out: Any, n: int) -> torch.Tensor:
             raise WorkbenchError(
                 f"reward function {name!r} returned {_short(v)} at index {i}: expected a finite float"
             )
-    return torch.tensor(values, dtype=torch.float64)  # [n]
+    return torch.tensor(values, dtype=torch.float64, device="cpu")  # [n], from Python numbers
 
 
 def _short(v: Any) -> str:
@@ -211,7 +211,7 @@ def combine(spec: RewardSpec, prompts: list[str], completions: list[str], **kwar
     that term's ``params``; a params key that shadows a per-example key is an error.
     """
     n = len(completions)
-    total = torch.zeros(n, dtype=torch.float64)  # [B]
+    total = torch.zeros(n, dtype=torch.float64, device="cpu")  # [B], reward functions return lists
     for name, fn, weight, params in _parse_spec(spec):
         clash = sorted(set(params) & set(kwargs))
         if clash:
@@ -251,8 +251,10 @@ def reward_kwargs(rollouts: Rollouts) -> dict[str, Any]:
 
 
 def compute_rewards(spec: RewardSpec, rollouts: Rollouts) -> torch.Tensor:
-    """Weighted sum of the spec's reward functions on ``rollouts`` -> float32 tensor [B]."""
-    return combine(spec, rollouts.prompts, rollouts.completions, **reward_kwargs(rollouts))
+    """Weighted sum of the spec's reward functions on ``rollouts`` -> float32 tensor [B], on the
+    device of ``rollouts``' tensors."""
+    total = combine(spec, rollouts.prompts, rollouts.completions, **reward_kwargs(rollouts))  # [B] CPU
+    return total.to(rollouts.response_mask.device)
 
 
 # ------------------------------------------------------------------------------- advantages
@@ -275,9 +277,9 @@ def _group_mean_var(
     r: torch.Tensor, inv: torch.Tensor, counts: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence group mean [B] and unbiased group variance [B] (0 for groups of size 1)."""
-    sums = torch.zeros(k, dtype=r.dtype).index_add_(0, inv, r)  # [K]
+    sums = r.new_zeros(k).index_add_(0, inv, r)  # [K]
     mean = sums / counts  # [K]
-    sq = torch.zeros(k, dtype=r.dtype).index_add_(0, inv, (r - mean[inv]) ** 2)  # [K]
+    sq = r.new_zeros(k).index_add_(0, inv, (r - mean[inv]) ** 2)  # [K]
     var = torch.where(counts > 1, sq / (counts - 1).clamp(min=1), torch.zeros_like(sq))  # [K]
     return mean[inv], var[inv]  # [B], [B]
 
@@ -305,7 +307,7 @@ def dr_grpo(rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1e-6)
                      summary="R_i - mean of the other samples in the group (0 for groups of size 1)")
 def rloo(rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     r, inv, counts, k = _groups(rewards, group_id)
-    sums = torch.zeros(k, dtype=r.dtype).index_add_(0, inv, r)[inv]  # [B]
+    sums = r.new_zeros(k).index_add_(0, inv, r)[inv]  # [B]
     n = counts[inv]  # [B]
     loo = (sums - r) / (n - 1).clamp(min=1)  # [B] mean of the others
     return torch.where(n > 1, r - loo, torch.zeros_like(r)).to(rewards.dtype)  # [B]
@@ -340,8 +342,8 @@ def no_baseline(rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1
 def zero_variance_mask(rewards: torch.Tensor, group_id: torch.Tensor) -> torch.Tensor:
     """bool [B]: True for sequences whose group's rewards are all equal (incl. groups of size 1)."""
     r, inv, _, k = _groups(rewards, group_id)
-    gmax = torch.full((k,), -math.inf, dtype=r.dtype).scatter_reduce(0, inv, r, "amax")  # [K]
-    gmin = torch.full((k,), math.inf, dtype=r.dtype).scatter_reduce(0, inv, r, "amin")  # [K]
+    gmax = r.new_full((k,), -math.inf).scatter_reduce(0, inv, r, "amax")  # [K]
+    gmin = r.new_full((k,), math.inf).scatter_reduce(0, inv, r, "amin")  # [K]
     return (gmax == gmin)[inv]  # [B]
 
 
@@ -376,7 +378,8 @@ def score(
     _, inv = torch.unique(gid, return_inverse=True)
     n_groups = int(inv.max()) + 1 if n else 0
     zv_groups = int(inv[zero_var].unique().numel())  # groups with constant reward
-    acc = torch.tensor(exact_match(rollouts.prompts, rollouts.completions, answers=rollouts.answers))  # [B]
+    acc = torch.tensor(exact_match(rollouts.prompts, rollouts.completions, answers=rollouts.answers),
+                       device=rewards.device)  # [B]
     lens = rollouts.response_lengths.double()  # [B]
     a = adv.double()
     metrics = {

@@ -10,7 +10,7 @@ tokens) and each of the B = N x G sequences is one request with its own seed dra
 sampled from (after temperature, top-k and top-p), the same contract as ``TransformersSampler``;
 temperature 0 is greedy decoding with log-prob 0. The returned ``Rollouts`` have exactly the
 fields, dtypes and layout of ``TransformersSampler`` (left-padded prompts, right-padded responses,
-EOS included when sampled, decoded completions).
+EOS included when sampled, decoded completions): both build them with ``generate.build_rollouts``.
 
 Weight sync. ``sync(model, version)`` copies the trainer's weights into the running engine without
 restarting it, then resets the prefix cache (without the reset, cached prompt prefixes keep the
@@ -59,7 +59,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import WorkbenchError, bad_value
-from ..generate import SamplingParams, check_generate_args, encode_prompts
+from ..generate import SamplingParams, build_rollouts, check_generate_args, encode_prompts
 from ..rollouts import Rollouts
 from ..tasks import Example
 from . import require_vllm
@@ -326,8 +326,7 @@ class VLLMSampler:
 
         check_generate_args(examples, group_size, params)
         self._usable()
-        rows = [ex for ex in examples for _ in range(group_size)]
-        B = len(rows)
+        B = len(examples) * group_size
         ids, mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])  # [N, P]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         longest = max(len(p) for p in prompts) + params.max_new_tokens
@@ -365,21 +364,8 @@ class VLLMSampler:
             resp[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             resp_mask[i, : len(toks)] = 1.0
             behavior[i, : len(toks)] = torch.tensor(lps, dtype=torch.float32)
-        completions = self.tokenizer.batch_decode(tokens, skip_special_tokens=True,
-                                                  clean_up_tokenization_spaces=False)
-        return Rollouts(
-            prompt_ids=ids.repeat_interleave(group_size, dim=0),
-            prompt_mask=mask.repeat_interleave(group_size, dim=0),
-            response_ids=resp,
-            response_mask=resp_mask,
-            behavior_logprobs=behavior,
-            policy_version=torch.full((B,), self.version, dtype=torch.long),
-            group_id=torch.arange(len(examples), dtype=torch.long).repeat_interleave(group_size),
-            prompts=[ex.prompt for ex in rows],
-            completions=completions,
-            answers=[ex.answer for ex in rows],
-            extras=[dict(ex.extra) for ex in rows],
-        )
+        return build_rollouts(examples, group_size, ids, mask, resp, resp_mask, behavior, self.version,
+                              self.tokenizer)
 
 
 __all__ = ["VLLMSampler", "OPTIONS", "validate_options"]

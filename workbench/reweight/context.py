@@ -58,12 +58,13 @@ def valid_rows(inp: LossInputs) -> torch.Tensor:
 
 
 def row_values(inp: LossInputs, key: str) -> torch.Tensor:
-    """A [B] float context tensor (e.g. ``rewards``), finite on rows with a valid token, 0 elsewhere."""
+    """A [B] float context tensor (e.g. ``rewards``) on the inputs' device, finite on rows with a valid
+    token, 0 elsewhere."""
     x = _get(inp, key)
     b = inp.mask.shape[0]
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != (b,):
         raise _err(key, f"has shape {tuple(getattr(x, 'shape', ()))}: expected [B]=({b},)")
-    x = x.detach().to(inp.logprobs.dtype)
+    x = x.detach().to(inp.logprobs.device, inp.logprobs.dtype)
     rows = valid_rows(inp)
     bad = rows & ~torch.isfinite(x)
     if bool(bad.any()):
@@ -73,12 +74,13 @@ def row_values(inp: LossInputs, key: str) -> torch.Tensor:
 
 
 def token_values(inp: LossInputs, key: str) -> torch.Tensor:
-    """A [B, T] float context tensor (e.g. ``ref_logprobs``), detached, 0 at padded positions."""
+    """A [B, T] float context tensor (e.g. ``ref_logprobs``) on the inputs' device, detached, 0 at padded
+    positions."""
     x = _get(inp, key)
     shape = tuple(inp.mask.shape)
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
         raise _err(key, f"has shape {tuple(getattr(x, 'shape', ()))}: expected [B, T]={shape}")
-    x = x.detach().to(inp.logprobs.dtype)
+    x = x.detach().to(inp.logprobs.device, inp.logprobs.dtype)
     bad = inp.mask & ~torch.isfinite(x)
     if bool(bad.any()):
         i, t = (int(v) for v in bad.nonzero()[0])
@@ -146,7 +148,8 @@ def get_step(inp: LossInputs) -> int:
 
 
 def expert_tensors(inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert log-probs [Be, Te] with their graph, 0 at padding; expert mask [Be, Te] bool)."""
+    """(expert log-probs [Be, Te] with their graph, 0 at padding; expert mask [Be, Te] bool), the mask
+    moved to the log-probs' device."""
     lp = _get(inp, "expert_logprobs")
     mask = _get(inp, "expert_mask")
     if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or not lp.is_floating_point():
@@ -154,7 +157,7 @@ def expert_tensors(inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(lp.shape):
         raise _err("expert_mask", f"has shape {tuple(getattr(mask, 'shape', ()))}: expected {tuple(lp.shape)} "
                                   f"like context['expert_logprobs']")
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    valid = (mask if mask.dtype == torch.bool else mask != 0).to(lp.device)  # [Be, Te]
     lp = lp.to(torch.promote_types(lp.dtype, torch.float32))
     bad = valid & ~torch.isfinite(lp.detach())
     if bool(bad.any()):

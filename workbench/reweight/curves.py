@@ -103,7 +103,7 @@ def _default_context(name: str, params: dict[str, Any], n: int, adv: torch.Tenso
     ctx: dict[str, Any] = {}
     for key in needs:
         if key == "group_id":
-            ctx[key] = torch.arange(rows) % n
+            ctx[key] = torch.arange(rows, device=beh.device) % n
         elif key == "rewards":
             ctx[key] = adv.clone()
         elif key == "step":
@@ -113,9 +113,10 @@ def _default_context(name: str, params: dict[str, Any], n: int, adv: torch.Tenso
         elif key == "ref_logprobs":
             ctx[key] = beh.clone()
         elif key == "expert_logprobs":
-            ctx[key] = torch.full((1, 1), float(beh[0, 0]), dtype=torch.float64, requires_grad=True)
+            ctx[key] = torch.full((1, 1), float(beh[0, 0]), dtype=torch.float64, device=beh.device,
+                                  requires_grad=True)
         elif key == "expert_mask":
-            ctx[key] = torch.ones(1, 1, dtype=torch.float64)
+            ctx[key] = beh.new_ones(1, 1)
     ctx.update(given or {})
     return ctx
 
@@ -129,19 +130,20 @@ def _autograd_weight(name: str, r: torch.Tensor, adv: float, behavior_logprob: f
     """
     n = r.numel()
     partner = "group_id" in objective_needs(name, params)
-    ratios = torch.cat([r, torch.ones(n, dtype=torch.float64)]) if partner else r  # [R]
-    signs = torch.cat([torch.ones(n), -torch.ones(n)]) if partner else torch.ones(n)  # [R]
+    ratios = torch.cat([r, r.new_ones(n)]) if partner else r  # [R]
+    ones = torch.ones(n, device=r.device)  # [N]
+    signs = torch.cat([ones, -ones]) if partner else ones  # [R]
     rows = ratios.numel()
-    beh = torch.full((rows, 1), float(behavior_logprob), dtype=torch.float64)  # [R, 1]
+    beh = r.new_full((rows, 1), float(behavior_logprob))  # [R, 1]
     lp = (beh + torch.log(ratios)[:, None]).requires_grad_()  # [R, 1]
     advantages = adv * signs.to(torch.float64)  # [R]
-    mask = torch.ones(rows, 1, dtype=torch.float64)  # [R, 1]
+    mask = r.new_ones(rows, 1)  # [R, 1]
     ctx = _default_context(name, params, n, advantages, beh, context)
     loss, _ = policy_loss(name, lp, beh, advantages, mask, aggregation="seq-mean-token-sum-norm",
                           loss_scale_factor=1.0, context=ctx, **params)
     grad = torch.autograd.grad(loss, lp, allow_unused=True)[0] if loss.requires_grad else None
     if grad is None:  # the loss does not depend on logp at all (weight 0 everywhere)
-        return torch.zeros(n, dtype=torch.float64)
+        return r.new_zeros(n)
     return -grad[:n, 0] / adv + 0.0  # [N]; + 0.0 turns -0.0 into 0.0
 
 
