@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -118,6 +119,35 @@ def test_failing_cell_is_reported_and_the_others_complete(base):
     assert "2 already complete, 2 to run" in logs[0]
     assert pl.read_parquet(os.path.join(base.out_dir, "failing", "sweep_runs.parquet"))["status"].to_list() == \
         ["ok", "ok", "failed", "failed"]
+
+
+def test_interrupted_cell_continues_from_its_checkpoint(base):
+    """A cell killed after 2 of 3 updates (checkpoint every update) continues from update 2 and
+    merges exactly the metrics of an uninterrupted run of the same cell."""
+    from workbench.loop import Run
+
+    ckpt_base = base.replace(checkpoint_every=1)
+    grid = {"staleness": [1], "objective": ["m2po"]}
+    cell = build_cells(ckpt_base, grid, [0], (Path(base.out_dir) / "continue").resolve(), None, None)[0]
+    run = Run(RunConfig.from_dict(cell.spec["config"]), log=lambda s: None)
+    run.step()
+    run.step()  # "killed" here: checkpoints after updates 1 and 2, no summary.json
+    assert not (cell.run_dir / "summary.json").exists()
+    logs: list[str] = []
+    out = sweep(ckpt_base, grid, seeds=[0], name="continue", workers=0, progress=False, log=logs.append)
+    assert "0 already complete, 1 to run" in logs[0]
+    runs = pl.read_parquet(Path(base.out_dir) / "continue" / "sweep_runs.parquet")
+    assert runs["continued_from"].to_list() == [2] and runs["status"].to_list() == ["ok"]
+    assert not (Path(str(cell.run_dir) + ".1")).exists()  # continued in place, not moved aside
+    # the same cell uninterrupted, also in this process (same thread count: same floating-point sums)
+    reference = sweep(ckpt_base, grid, seeds=[0], name="continue-ref", workers=0, **QUIET)
+    assert metric_columns(out).equals(metric_columns(reference))
+
+    # a different config in the folder is never continued: the cell starts over
+    other = base.replace(checkpoint_every=1, lr=5e-3)
+    sweep(other, grid, seeds=[0], name="continue", workers=0, progress=False, log=logs.append)
+    runs = pl.read_parquet(Path(base.out_dir) / "continue" / "sweep_runs.parquet")
+    assert runs["continued_from"].to_list() == [None] and Path(str(cell.run_dir) + ".1").is_dir()
 
 
 @pytest.mark.parametrize("grid, seeds, needle", [

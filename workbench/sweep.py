@@ -22,12 +22,15 @@ config, grid, seeds and notebook, so re-running the same command finds the same 
 ``sweep.json`` (the spec), ``runs/<cell>/`` (one ordinary run directory per cell, plus
 ``sweep_cell.json``, written last, when the cell succeeded), ``sweep.parquet`` (every run's metrics
 rows, with ``run``, ``status``, ``error``, one column per grid key and ``seed`` in front) and
-``sweep_runs.parquet`` (one row per cell: status, error, seconds, whether it was resumed, and the
+``sweep_runs.parquet`` (one row per cell: status, error, seconds, whether it was skipped as
+complete (``resumed``), the update an interrupted run continued from (``continued_from``), and the
 run's summary.json values).
 
 **Resumable.** A cell is complete when its ``summary.json`` exists and its ``sweep_cell.json``
 matches the cell's spec (full config, or notebook + parameters); re-running a sweep skips complete
-cells. An incomplete cell reruns from scratch (``Run`` moves the old folder aside to ``<cell>.1``).
+cells. An incomplete run cell whose folder holds the same config and a checkpoint (written every
+``checkpoint_every`` updates) continues from that checkpoint, exactly; otherwise it reruns from
+scratch (``Run`` moves the old folder aside to ``<cell>.1``). Notebook cells always rerun.
 
 **Failures.** A cell that raises is reported (one line: ``ExceptionType: first line``) and the rest
 go on; its partial metrics rows, if any, appear with ``status == "failed"``. A worker process that
@@ -62,7 +65,7 @@ The sweep cannot know which model a notebook builds, so it prepares no warm star
 first runs of the built-in model may each train it once (safe: the cache entry is renamed into place).
 
 Left out: retries of cells that raised, per-cell timeouts, GPU scheduling on Ray (``num_gpus``),
-and resuming a cell's run from its last checkpoint (an incomplete cell starts over).
+and continuing an interrupted notebook cell (it starts over).
 """
 
 from __future__ import annotations
@@ -461,16 +464,41 @@ def warm_locked(config: "RunConfig", log: Callable[[str], None] = lambda s: None
         warm_start(task, mcfg, scfg, log=log)
 
 
-def _execute(spec: dict[str, Any], run_dir: Path) -> None:
+def _continue_run(cfg: "RunConfig", run_dir: Path):
+    """The interrupted run of this cell, reopened at its latest checkpoint, or None (start over).
+
+    Only when the folder's ``config.json`` is exactly this cell's config and a complete checkpoint
+    exists (``checkpoint_every`` > 0 writes them during the run); resuming is exact, so the merged
+    metrics are those of an uninterrupted run. An unreadable checkpoint means starting over.
+    """
+    from .config import RunConfig
+    from .loop import Run
+    from .rundir import RunDir
+
+    try:
+        if RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())) != cfg:
+            return None
+        if RunDir(run_dir).latest_checkpoint() is None:
+            return None
+        return Run.resume(run_dir, log=lambda s: None)
+    except Exception:  # noqa: BLE001 - no folder, another config, a torn checkpoint: start over
+        return None
+
+
+def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
+    """Run the cell; returns the update a run continued from (None when it started from scratch)."""
     if spec["mode"] == "run":
         from .config import RunConfig
         from .loop import Run
 
         cfg = RunConfig.from_dict(spec["config"])
         warm_locked(cfg)
-        run = Run(cfg, log=lambda s: None)
+        run = _continue_run(cfg, run_dir)
+        continued = run.version if run is not None else None
+        run = run if run is not None else Run(cfg, log=lambda s: None)
         run.run(progress=False)
         run.write_summary()
+        return continued
     elif spec["mode"] == "notebook":
         try:
             from .notebook import run_notebook
@@ -478,6 +506,7 @@ def _execute(spec: dict[str, Any], run_dir: Path) -> None:
             raise WorkbenchError(f"headless notebooks are unavailable: {e}") from None
         run_dir.mkdir(parents=True, exist_ok=True)
         run_notebook(spec["notebook"], parameters=spec["parameters"], output=run_dir / "notebook.ipynb")
+        return None
     else:  # pragma: no cover
         raise WorkbenchError(f"sweep cell mode={spec['mode']!r} is invalid: expected run | notebook")
 
@@ -491,11 +520,11 @@ def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None) -> 
     t0 = time.perf_counter()
     path = Path(run_dir)
     try:
-        _execute(spec, path)
+        continued = _execute(spec, path)
         seconds = time.perf_counter() - t0
-        atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads},
-                                                       indent=2, sort_keys=True))
-        return {"status": "ok", "error": None, "seconds": seconds}
+        atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads,
+                                                        "continued_from": continued}, indent=2, sort_keys=True))
+        return {"status": "ok", "error": None, "seconds": seconds, "continued_from": continued}
     except Exception as e:  # noqa: BLE001 - a failing cell is reported, the sweep goes on
         tb = traceback.format_exc()
         try:
@@ -817,13 +846,16 @@ def _runs_table(cells: list[Cell], keys: list[str], with_seed: bool) -> "pl.Data
                     for k, v in c.values.items()})
         if with_seed:
             row["seed"] = c.seed
-        seconds = c.seconds
+        seconds, continued = c.seconds, None
+        try:
+            record = json.loads((c.run_dir / CELL_FILE).read_text()) if c.status == "ok" else {}
+        except (OSError, json.JSONDecodeError):
+            record = {}
         if c.resumed:
-            try:
-                seconds = json.loads((c.run_dir / CELL_FILE).read_text()).get("seconds")
-            except (OSError, json.JSONDecodeError):
-                seconds = None
-        row.update({"seconds": seconds, "resumed": c.resumed, "run_dir": str(c.run_dir)})
+            seconds = record.get("seconds")
+        continued = record.get("continued_from")
+        row.update({"seconds": seconds, "resumed": c.resumed, "continued_from": continued,
+                    "run_dir": str(c.run_dir)})
         summary = c.run_dir / "summary.json"
         if c.status == "ok" and summary.is_file():
             s = json.loads(summary.read_text())
