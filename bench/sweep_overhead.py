@@ -1,6 +1,6 @@
 """Sweep overhead: a grid of N identical runs on the local process pool vs one run in this process.
 
-    python bench/sweep_overhead.py [--runs 4] [--threads-per-run 1] [--steps 40] [--repeats 1]
+    python bench/sweep_overhead.py [--runs 4] [--threads-per-run 1] [--steps 150] [--repeats 1]
 
 Target (issue 6): wall time of the pool sweep <= 1.1 x (N / parallel slots) x one run, where one run
 is the same config run here, in this process, with the same thread count (imports already paid, model
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=0, help="N cells (default: 2 x parallel slots)")
     ap.add_argument("--threads-per-run", type=int, default=1)
     ap.add_argument("--workers", type=int, default=0, help="parallel slots (default: usable cores // threads)")
-    ap.add_argument("--steps", type=int, default=40, help="updates per run")
+    ap.add_argument("--steps", type=int, default=150, help="updates per run (short runs measure start-up, not sweeps)")
     ap.add_argument("--model", default="builtin", help="builtin (cached warm start) or a local checkpoint")
     ap.add_argument("--repeats", type=int, default=1, help="sweeps measured (each between two single runs)")
     args = ap.parse_args()

@@ -12,7 +12,7 @@ from workbench import cli
 from workbench.errors import WorkbenchError
 from workbench.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
                                   resolve_size, run_sweeps, runs_table, summary_table, sweep_prefix, tiny_base)
-from workbench.prosperity_report import curve_frame, drift_table, markdown_table, render_markdown, write_report
+from workbench.prosperity_report import closest_lines, curve_frame, drift_table, markdown_table, render_markdown, write_report
 
 
 def fake_run(run, objective, staleness, seed, acc, initial, *, clip=0.0, masked=0.0, truncated=0.0, m2=0.0):
@@ -130,6 +130,13 @@ def test_curve_frame_repeats_the_reference_under_every_staleness_and_bands_the_s
         0, named=True)  # update index 2: run a (0.1 + 0.2) / 2 = 0.15, run b 0
     assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((0.075, 0.0, 0.15))
     assert curve_frame(df, ("offpolicy/clipfrac",), smooth=2, every=5)["update"].unique().sort().to_list() == [5, 6]
+
+
+def test_closest_lines_rank_objectives_per_staleness():
+    lines = closest_lines(_table())
+    assert lines[0] == "- staleness 16: m2po 10.0% (-40.0)"
+    assert lines[1] == "- staleness 64: m2po 48.0% (-2.0), ppo_clip 40.0% (-10.0), is 30.0% (-20.0)"
+    assert lines[-1] == "- (final accuracy, points against on-policy 50.0%)"
 
 
 def test_markdown_table_formats_points_and_spreads():
