@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import nbformat
@@ -16,6 +15,8 @@ import pytest
 
 from workbench.notebook import load_params_file, notebooks_dir, run_notebook, setup
 from workbench.reweight import OBJECTIVES
+
+from ui_helpers import scripted_session
 
 CI = notebooks_dir() / "params" / "ci.yaml"
 NOTEBOOKS = sorted(notebooks_dir().glob("*.ipynb"))
@@ -74,7 +75,7 @@ def test_02_live_replays_a_recorded_interactive_session_exactly(tokenizer, tmp_p
     threads_before = torch.get_num_threads()
     try:  # Run(config) sets torch's (process-wide) thread count to config.threads
         panel = ControlPanel(config, model=model, tokenizer=tok, headless=False, log=lambda s: None)
-        _session(panel)
+        scripted_session(panel, staleness=4)
     finally:
         torch.set_num_threads(threads_before)
     recorded = tmp_path / "live" / "session" / "knob_events.jsonl"
@@ -90,23 +91,6 @@ def test_02_live_replays_a_recorded_interactive_session_exactly(tokenizer, tmp_p
     keep = [c for c in headless.columns if not c.startswith("perf/")]
     assert headless.select(keep).equals(panel.run.metrics.select(keep))
     assert [json.loads(x) for x in (d / "knob_events.jsonl").read_text().splitlines()] == panel.run.knob_events
-
-
-def _session(panel):
-    """Start, move staleness while training runs, pause, switch objective, resume to the end."""
-    panel.start()
-    t0 = time.monotonic()
-    while panel.run.version < 2 and time.monotonic() - t0 < 60:
-        time.sleep(0.005)
-    panel.widgets["staleness"].value = 4  # while the thread trains
-    while panel.run.version < 5 and time.monotonic() - t0 < 60:
-        time.sleep(0.005)
-    panel.pause()
-    panel.wait(60)
-    panel.widgets["objective"].value = "m2po"  # while paused
-    panel.resume()
-    panel.wait(60)
-    panel.close()
 
 
 def test_03_objectives_explained(tmp_path):

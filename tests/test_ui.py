@@ -21,6 +21,8 @@ from workbench.notebook import TINY_REWARDS, ensure_kernel, find_notebook, load_
 from workbench.reweight import OBJECTIVES
 from workbench.ui import ControlPanel, Throttle, has_frontend, live_spec, token_weights
 
+from ui_helpers import scripted_session, wait_until
+
 SMALL = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 16}, prompts_per_step=4,
              group_size=4, eval_every=4, eval_size=16, lr=1e-2, seed=3, rewards=TINY_REWARDS)
 
@@ -34,14 +36,6 @@ def make_panel(tokenizer, tiny_model_config, tmp_path, *, headless=False, name="
     model = build_model(tiny_model_config, tokenizer, seed=0)
     return ControlPanel(cfg, model=model, tokenizer=tokenizer, headless=headless, log=lambda s: None,
                         chart_seconds=0.05, **kw)
-
-
-def wait_until(cond, timeout=30.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
 
 
 def events(path) -> list[dict]:
@@ -129,16 +123,7 @@ def test_pause_step_resume_and_reset(tokenizer, tiny_model_config, tmp_path):
 
 def test_recorded_interactive_session_replays_exactly(tokenizer, tiny_model_config, tmp_path):
     panel = make_panel(tokenizer, tiny_model_config, tmp_path, steps=10)
-    panel.start()
-    wait_until(lambda: panel.run.version >= 2)
-    panel.widgets["staleness"].value = 2  # while the thread trains
-    wait_until(lambda: panel.run.version >= 5)
-    panel.pause()
-    panel.wait(60)
-    panel.widgets["objective"].value = "m2po"  # while paused
-    panel.resume()
-    panel.wait(60)
-    panel.close()
+    scripted_session(panel, staleness=2)
     live = panel.run
     assert live.version == 10 and len(live.knob_events) == 2, live.knob_events
     replay = make_panel(tokenizer, tiny_model_config, tmp_path, headless=True, name="replay", steps=10,
