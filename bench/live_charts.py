@@ -28,9 +28,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import workbench  # noqa: E402,F401
 from workbench.config import RunConfig  # noqa: E402
 from workbench.loop import Run  # noqa: E402
-from workbench.model import ModelConfig, build_model  # noqa: E402
+from workbench.policy.model import ModelConfig, build_model  # noqa: E402
 from workbench.notebook import TINY_MODEL, TINY_REWARDS  # noqa: E402
-from workbench.tokenizer import build_char_tokenizer  # noqa: E402
+from workbench.policy.tokenizer import build_char_tokenizer  # noqa: E402
 from workbench.ui import BackgroundTrainer, ControlPanel  # noqa: E402
 from workbench.ui.live import DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES  # noqa: E402
 

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from workbench.reweight import OBJECTIVES, aggregate, make_inputs, policy_loss, validate_params
-from workbench.reweight.core import objective_needs
+from workbench.steps.reweight import OBJECTIVES, aggregate, make_inputs, policy_loss, validate_params
+from workbench.steps.reweight.core import objective_needs
 
 # Why an objective may cost more than ppo_clip (printed when its ratio exceeds the threshold).
 REASONS = {

@@ -42,11 +42,11 @@ def main() -> None:
     import torch
 
     import workbench  # noqa: F401
-    from workbench.engines import VLLMSampler, require_vllm
-    from workbench.generate import SamplingParams, TransformersSampler
-    from workbench.model import ModelConfig, build_model, count_parameters
+    from workbench.steps.generate import VLLMSampler, require_vllm
+    from workbench.steps.generate import SamplingParams, TransformersSampler
+    from workbench.policy.model import ModelConfig, build_model, count_parameters
     from workbench.tasks import make_task
-    from workbench.tokenizer import build_char_tokenizer
+    from workbench.policy.tokenizer import build_char_tokenizer
 
     require_vllm("bench/sampler_throughput.py")
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import workbench  # noqa: E402,F401
-from workbench.build import build_policy, build_task  # noqa: E402
+from workbench.policy.build import build_policy, build_task  # noqa: E402
 from workbench.config import RunConfig  # noqa: E402
 from workbench.loop import Run  # noqa: E402
 

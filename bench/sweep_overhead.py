@@ -34,7 +34,7 @@ import polars as pl  # noqa: E402
 
 import workbench  # noqa: E402,F401
 from workbench.config import RunConfig  # noqa: E402
-from workbench.sweep import sweep, usable_cores, warm_locked  # noqa: E402
+from workbench.sweeps import sweep, usable_cores, warm_locked  # noqa: E402
 
 
 def one_run(cfg: RunConfig, threads: int) -> float:

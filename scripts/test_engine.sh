@@ -44,7 +44,7 @@ PYEOF
   } > "$VENV/install.log" 2>&1 || { tail -n 30 "$VENV/install.log"; echo "engine setup: failed (see $VENV/install.log)"; exit 1; }
   touch "$stamp"
 fi
-# The engine's environment (see workbench/engines/vllm_sampler.py): a 1 GiB CPU KV cache (the engine
+# The engine's environment (see workbench/steps/generate/vllm_sampler.py): a 1 GiB CPU KV cache (the engine
 # refuses to start without a size on a large-memory machine), explicit OpenMP threads, the engine
 # in-process (~3 s start instead of 16-30 s), and every cache inside the ignored $VENV folder.
 CACHE="$PWD/$VENV/cache"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 import workbench  # noqa: F401  (process defaults before torch loads)
-from workbench.generate import TransformersSampler
-from workbench.model import ModelConfig, build_model
+from workbench.steps.generate import TransformersSampler
+from workbench.policy.model import ModelConfig, build_model
 from workbench.tasks import make_task
-from workbench.tokenizer import build_char_tokenizer
+from workbench.policy.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import OBJECTIVES, policy_loss
-from workbench.reweight.core import objective_needs
+from workbench.steps.reweight import OBJECTIVES, policy_loss
+from workbench.steps.reweight.core import objective_needs
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.buffer import StalenessBuffer
+from workbench.steps.buffer import StalenessBuffer
 from workbench.rollouts import Rollouts
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from workbench.cli import field_docs, main
 from workbench.config import RunConfig
-from workbench.model import save_policy
-from workbench.reweight import OBJECTIVES
-from workbench.score import ADVANTAGES
+from workbench.policy.model import save_policy
+from workbench.steps.reweight import OBJECTIVES
+from workbench.steps.score import ADVANTAGES
 from workbench.tasks import TASKS
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--eval-every", "3", "--eval-size", "8",

@@ -1,4 +1,4 @@
-"""Corrections (workbench.reweight.corrections) against hand-computed values, in bypass and decoupled
+"""Corrections (workbench.steps.reweight.corrections) against hand-computed values, in bypass and decoupled
 mode, the log-linear proximal approximation, numerical safety, config validation and the loop.
 
 Expected numbers are derived in plain Python (``math``) from the formulas in objectives.md 2.10 /
@@ -17,9 +17,9 @@ import torch
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
-from workbench.model import build_model
-from workbench.reweight import policy_loss
-from workbench.reweight.corrections import PRESETS, Correction, loglinear_alpha, loglinear_proximal, make_correction
+from workbench.policy.model import build_model
+from workbench.steps.reweight import policy_loss
+from workbench.steps.reweight.corrections import PRESETS, Correction, loglinear_alpha, loglinear_proximal, make_correction
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -463,9 +463,9 @@ def test_update_step_recompute_equals_passing_the_current_policy_as_prox(tiny_mo
                                                                          addition_task):
     import random
 
-    from workbench.generate import SamplingParams, TransformersSampler
-    from workbench.logprobs import token_logprobs
-    from workbench.update import build_optimizer, update_step
+    from workbench.steps.generate import SamplingParams, TransformersSampler
+    from workbench.policy.logprobs import token_logprobs
+    from workbench.steps.update import build_optimizer, update_step
 
     def batch_and_model():
         model = build_model(tiny_model_config, tokenizer, seed=0)

@@ -1,4 +1,4 @@
-"""Weight curves (workbench.reweight.curves): the autograd curve of every registered objective, and
+"""Weight curves (workbench.steps.reweight.curves): the autograd curve of every registered objective, and
 the analytic weights of the simple objectives derived here in plain Python from their formulas."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import OBJECTIVES
-from workbench.reweight.curves import curve_frame, weight_curve, weight_curves
+from workbench.steps.reweight import OBJECTIVES
+from workbench.steps.reweight.curves import curve_frame, weight_curve, weight_curves
 
 torch.set_num_threads(1)
 

@@ -37,15 +37,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from workbench.generate import SamplingParams, TransformersSampler
-from workbench.logprobs import token_logprobs
-from workbench.model import build_model
-from workbench.reweight import AGGREGATIONS, CORRECTION_PRESETS, OBJECTIVES, policy_loss, weight_curve
-from workbench.reweight.context import CONTEXT_KEYS
-from workbench.reweight.core import objective_needs
-from workbench.score import ADVANTAGES, score, zero_variance_mask
-from workbench.update import build_optimizer, update_step
-from workbench.warm_start import sft_batch
+from workbench.steps.generate import SamplingParams, TransformersSampler
+from workbench.policy.logprobs import token_logprobs
+from workbench.policy.model import build_model
+from workbench.steps.reweight import AGGREGATIONS, CORRECTION_PRESETS, OBJECTIVES, policy_loss, weight_curve
+from workbench.steps.reweight.context import CONTEXT_KEYS
+from workbench.steps.reweight.core import objective_needs
+from workbench.steps.score import ADVANTAGES, score, zero_variance_mask
+from workbench.steps.update import build_optimizer, update_step
+from workbench.policy.warm_start import sft_batch
 
 F64 = torch.float64
 CPU = torch.device("cpu")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.generate import (
+from workbench.steps.generate import (
     Sampler, SamplingParams, TransformersSampler, build_rollouts, greedy_accuracy, process_logits,
 )
-from workbench.logprobs import token_logprobs
+from workbench.policy.logprobs import token_logprobs
 from workbench.tasks import Example
 
 

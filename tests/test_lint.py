@@ -7,7 +7,7 @@ import pytest
 from workbench.cli import main
 from workbench.config import RunConfig
 from workbench.lint import CODES, LintWarning, Warning, lint
-from workbench.reweight import OBJECTIVES
+from workbench.steps.reweight import OBJECTIVES
 
 # A config that is off-policy (staleness 2), corrected and aggregated with a fixed scale: no warning.
 CLEAN = dict(objective="ppo_clip", staleness=2)

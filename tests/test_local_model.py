@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.chat import render_prompt, resolve_template
+from workbench.policy.chat import render_prompt, resolve_template
 from workbench.cli import build_parser, config_from_args
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
-from workbench.model import build_model, load_policy, resolve_device, save_policy
+from workbench.policy.model import build_model, load_policy, resolve_device, save_policy
 
 # a chat template over the char tokenizer's alphabet (lowercase, digits, punctuation)
 TEMPLATE = ("{% for m in messages %}q: {{ m['content'] }}{% endfor %}"

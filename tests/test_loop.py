@@ -11,8 +11,8 @@ import torch
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
-from workbench.model import build_model
-from workbench.reweight import OBJECTIVES
+from workbench.policy.model import build_model
+from workbench.steps.reweight import OBJECTIVES
 
 SMALL = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 16}, prompts_per_step=4,
              group_size=4, eval_every=3, eval_size=16, lr=1e-3, seed=3)
@@ -122,7 +122,7 @@ def test_every_objective_trains_and_changes_parameters(tokenizer, tiny_model_con
 
 
 def test_reward_function_that_raises_keeps_written_metrics(tokenizer, tiny_model_config, tmp_path, monkeypatch):
-    from workbench import score as score_mod
+    from workbench.steps import score as score_mod
 
     run = make_run(tokenizer, tiny_model_config, tmp_path)
     run.run(2)

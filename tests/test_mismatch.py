@@ -1,4 +1,4 @@
-"""The sampler-vs-trainer mismatch and the drift / engine split of the log-ratio (workbench.mismatch),
+"""The sampler-vs-trainer mismatch and the drift / engine split of the log-ratio (workbench.steps.reweight.mismatch),
 on the transformers sampler: engine mismatch is float rounding there and drift is the staleness."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from workbench.config import RunConfig
-from workbench.generate import SamplingParams
-from workbench.logprobs import token_logprobs
+from workbench.steps.generate import SamplingParams
+from workbench.policy.logprobs import token_logprobs
 from workbench.loop import Run
-from workbench.mismatch import attach_trainer_logprobs, decompose, metrics
-from workbench.model import build_model
+from workbench.steps.reweight.mismatch import attach_trainer_logprobs, decompose, metrics
+from workbench.policy.model import build_model
 from workbench.rollouts import Rollouts, concat
 
 SMALL = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 16}, prompts_per_step=4,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.model import ModelConfig, build_model, count_parameters, load_policy, save_policy
+from workbench.policy.model import ModelConfig, build_model, count_parameters, load_policy, save_policy
 from workbench.tasks import make_task
-from workbench.warm_start import SFTConfig, cache_root, sft_batch, warm_start
-import workbench.warm_start as ws
+from workbench.policy.warm_start import SFTConfig, cache_root, sft_batch, warm_start
+import workbench.policy.warm_start as ws
 
 
 def _logits(model, ids):

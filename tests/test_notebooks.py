@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from workbench.notebook import load_params_file, notebooks_dir, run_notebook, setup
-from workbench.reweight import OBJECTIVES
+from workbench.steps.reweight import OBJECTIVES
 
 from ui_helpers import scripted_session
 

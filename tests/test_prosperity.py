@@ -10,9 +10,9 @@ import pytest
 
 from workbench import cli
 from workbench.errors import WorkbenchError
-from workbench.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
+from workbench.studies.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
                                   resolve_size, run_sweeps, runs_table, summary_table, sweep_prefix, tiny_base)
-from workbench.prosperity_report import closest_lines, curve_frame, drift_table, markdown_table, render_markdown, write_report
+from workbench.studies.prosperity_report import closest_lines, curve_frame, drift_table, markdown_table, render_markdown, write_report
 
 
 def fake_run(run, objective, staleness, seed, acc, initial, *, clip=0.0, masked=0.0, truncated=0.0, m2=0.0):
@@ -152,7 +152,7 @@ def test_sweep_prefix_separates_sizes_and_bases():
     changed = resolve_size("workshop", steps=10)
     assert sweep_prefix(changed).startswith("prosperity-custom-") and sweep_prefix(changed) != sweep_prefix(
         resolve_size("workshop", steps=11))
-    from workbench.prosperity import base_config
+    from workbench.studies.prosperity import base_config
 
     assert sweep_prefix("cpu", base_config(SIZES["cpu"], lr=1e-4)).startswith("prosperity-custom-")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from workbench.cli import main
-from workbench.reference import DOCS_PATH, objectives_markdown, param_line
-from workbench.reweight import OBJECTIVES
-from workbench.reweight.corrections import PRESETS
+from workbench.steps.reweight.reference import DOCS_PATH, objectives_markdown, param_line
+from workbench.steps.reweight import OBJECTIVES
+from workbench.steps.reweight.corrections import PRESETS
 
 
 def test_committed_docs_are_up_to_date():

@@ -1,4 +1,4 @@
-"""Objectives of workbench/reweight/adaptive.py whose constraint adapts every update: bapo (bounds searched
+"""Objectives of workbench/steps/reweight/adaptive.py whose constraint adapts every update: bapo (bounds searched
 until the positive share reaches rho0) and r2vpo (a dual variable kept in the context's state). A literal
 transcription of BAPO's search gives the hand-computed rows on the 2x3 example (CASES, EXTRA_CASES,
 DIAGNOSTICS) and the analytic per-token gradients (GRADIENTS) that test_reweight_objectives.py runs; here:
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import policy_loss, validate_params
-from workbench.reweight.adaptive import bapo_bounds
+from workbench.steps.reweight import policy_loss, validate_params
+from workbench.steps.reweight.adaptive import bapo_bounds
 
 from reweight_helpers import (
     ADV, F64, N, R, VALID, clip, close, example, run_example, token_case, valid_log_ratios,

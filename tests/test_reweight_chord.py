@@ -1,4 +1,4 @@
-"""CHORD of workbench/reweight/chord.py: (1 - mu) PPO-clip on the batch + mu SFT on expert demonstrations,
+"""CHORD of workbench/steps/reweight/chord.py: (1 - mu) PPO-clip on the batch + mu SFT on expert demonstrations,
 with a scheduled mu and the phi token weight. The example's expert batch gives its hand-computed rows
 (CASES, EXTRA_CASES, DIAGNOSTICS) and analytic per-token gradient (GRADIENTS), which
 test_reweight_objectives.py runs; here: the mu schedule (warm-up, cosine decay, presets), the gradient
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import OBJECTIVES, policy_loss
-from workbench.reweight.chord import chord_mu
+from workbench.steps.reweight import OBJECTIVES, policy_loss
+from workbench.steps.reweight.chord import chord_mu
 
 from reweight_helpers import (
     ADV, EXPERT_LP, EXPERT_VALID, R, STEP, close, ex_context, example, mu_by_hand, ppo_dloss, ppo_loss, run_example,

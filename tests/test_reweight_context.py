@@ -1,4 +1,4 @@
-"""The ``context`` of ``policy_loss`` (workbench/reweight/context.py) and the loop that supplies it: the
+"""The ``context`` of ``policy_loss`` (workbench/steps/reweight/context.py) and the loop that supplies it: the
 context keys each objective declares it needs, one-line errors for a missing context or a bad value
 (naming the key), and, through short runs of the training loop on the tiny model, R2VPO's lambda kept in
 the objective state across checkpoint + resume (bit-exact) and refused when not numeric, CHORD's expert
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import OBJECTIVES, policy_loss
-from workbench.reweight.context import CONTEXT_KEYS
-from workbench.reweight.core import objective_needs
+from workbench.steps.reweight import OBJECTIVES, policy_loss
+from workbench.steps.reweight.context import CONTEXT_KEYS
+from workbench.steps.reweight.core import objective_needs
 
 from reweight_helpers import F64, ex_context, example, mu_by_hand
 
@@ -64,7 +64,7 @@ def test_bad_context_values_name_the_key(key, value, match):
 def _make_run(tokenizer, tiny_model_config, tmp_path=None, **overrides):
     from workbench.config import RunConfig
     from workbench.loop import Run
-    from workbench.model import build_model
+    from workbench.policy.model import build_model
 
     small = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 16}, prompts_per_step=4,
                  group_size=4, eval_every=3, eval_size=16, lr=1e-3, seed=3)
@@ -74,7 +74,7 @@ def _make_run(tokenizer, tiny_model_config, tmp_path=None, **overrides):
 
 def test_r2vpo_lambda_survives_checkpoint_and_resume(tokenizer, tiny_model_config, tmp_path):
     from workbench.loop import Run
-    from workbench.model import build_model
+    from workbench.policy.model import build_model
 
     kw = dict(staleness=1, objective="r2vpo", objective_params={"dual_lr": 3.0, "delta": 0.0})
     full = _make_run(tokenizer, tiny_model_config, tmp_path / "a", **kw)

@@ -1,4 +1,4 @@
-"""The shared machinery of workbench/reweight (core.py, aggregate.py): the registry's metadata, defaults,
+"""The shared machinery of workbench/steps/reweight (core.py, aggregate.py): the registry's metadata, defaults,
 presets and registration checks; the four loss aggregations by hand; the shared diagnostics by hand; what
 holds for every objective (on-policy REINFORCE where the metadata says so, row advantages equal their
 broadcast, half precision computed in float32), the proximal anchor, the log-ratio clamp; and bad inputs,
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import (
+from workbench.steps.reweight import (
     AGGREGATIONS,
     OBJECTIVES,
     LossOutput,

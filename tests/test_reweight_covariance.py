@@ -1,4 +1,4 @@
-"""Clip-Cov and KL-Cov of workbench/reweight/covariance.py: act on the tokens whose covariance of
+"""Clip-Cov and KL-Cov of workbench/steps/reweight/covariance.py: act on the tokens whose covariance of
 (logp, A) is largest. The token covariance of the 2x3 example gives their hand-computed rows (CASES,
 EXTRA_CASES, DIAGNOSTICS) and analytic per-token gradients (GRADIENTS), which
 test_reweight_objectives.py runs; here: Clip-Cov's random choice among the eligible tokens is
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from workbench.reweight import policy_loss
+from workbench.steps.reweight import policy_loss
 
 from reweight_helpers import ADV, F64, LP, LR, N, R, VALID, ppo_dloss, ppo_loss, sign, token_case, valid_log_ratios
 

@@ -1,4 +1,4 @@
-"""Stop-gradient weighted policy gradients of workbench/reweight/is_weighted.py: tis (token and sequence
+"""Stop-gradient weighted policy gradients of workbench/steps/reweight/is_weighted.py: tis (token and sequence
 level), cispo and topr, plus the reusable ``truncated_is_weight``. This file holds their hand-computed rows
 on the 2x3 example (CASES, EXTRA_CASES, METRICS) and their per-token gradient weights (WEIGHTS), which
 test_reweight_objectives.py runs, and checks ``truncated_is_weight`` at both levels by hand.
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from workbench.reweight import truncated_is_weight
+from workbench.steps.reweight import truncated_is_weight
 
 from reweight_helpers import (
     ADV, B, F64, LP, ROWS, T, VALID, clip, close, coeff, ratio_case, row_log_ratio, seq_logr,

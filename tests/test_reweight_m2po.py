@@ -1,4 +1,4 @@
-"""M2PO of workbench/reweight/m2po.py: the objective and its second-moment mask ``m2po_mask``. Two literal
+"""M2PO of workbench/steps/reweight/m2po.py: the objective and its second-moment mask ``m2po_mask``. Two literal
 oracles of the mask (Algorithm 1's greedy loop and the released code's cap found by bisection) give its
 hand-computed rows on the 2x3 example (CASES, EXTRA_CASES, METRICS) and its per-token gradient weight
 (WEIGHTS), which test_reweight_objectives.py runs; here: both variants on a hand example, the masked tokens
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from workbench.reweight import m2po_mask, policy_loss
+from workbench.steps.reweight import m2po_mask, policy_loss
 
 from reweight_helpers import ADV, B, F64, LR, R, T, VALID, coeff, example
 

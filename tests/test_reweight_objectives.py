@@ -1,5 +1,5 @@
 """Table-driven checks over every registered objective. Each objective family has a test file named after
-its module (test_reweight_<module>.py for workbench/reweight/<module>.py) holding the hand-computed rows
+its module (test_reweight_<module>.py for workbench/steps/reweight/<module>.py) holding the hand-computed rows
 of its objectives on the 2x3 example: CASES (loss and gradient with the default params), EXTRA_CASES
 (variants), METRICS or DIAGNOSTICS (objective-specific metrics), and WEIGHTS (per-token gradient
 -weight * A) or GRADIENTS (analytic per-token gradient) on random batches. This file runs every row,
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from workbench.reweight import OBJECTIVES, make_inputs, policy_loss, validate_params
+from workbench.steps.reweight import OBJECTIVES, make_inputs, policy_loss, validate_params
 
 import test_reweight_adaptive as adaptive
 import test_reweight_chord as chord
@@ -66,7 +66,7 @@ def test_every_objective_has_a_case_row():
     assert set(OBJECTIVES.names()) == set(CASES), \
         "add a hand-computed CASES row for each new objective (in the test file of its module)"
     for fam in FAMILIES:
-        module = "workbench.reweight." + fam.__name__.removeprefix("test_reweight_")
+        module = "workbench.steps.reweight." + fam.__name__.removeprefix("test_reweight_")
         assert set(fam.CASES) == {n for n in OBJECTIVES.names() if OBJECTIVES.get(n).__module__ == module}, module
 
 

@@ -1,4 +1,4 @@
-"""Token-level ratio objectives of workbench/reweight/ppo_family.py: reinforce, is, ppo_clip (GRPO and
+"""Token-level ratio objectives of workbench/steps/reweight/ppo_family.py: reinforce, is, ppo_clip (GRPO and
 DAPO bounds), dual_clip and sapo. This file holds their hand-computed rows on the 2x3 example (CASES,
 EXTRA_CASES, METRICS) and their per-token gradient weights (WEIGHTS: d loss / d logp = -weight * A),
 which test_reweight_objectives.py runs, and dual-clip's own parameter check (c > 1).
@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from workbench.reweight import policy_loss
+from workbench.steps.reweight import policy_loss
 
 from reweight_helpers import error_message, example, ppo_dloss, ppo_loss, ratio_case, sigmoid
 

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for workbench.reweight over every registered objective.
+"""Property tests (hypothesis) for workbench.steps.reweight over every registered objective.
 
 Batches range over log-ratios up to +-50, all-zero advantages, empty and all-masked rows,
 length-1 and long (T up to 512) responses, with NaN/inf garbage at padded positions. For every
@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workbench.reweight import AGGREGATIONS, OBJECTIVES, policy_loss
+from workbench.steps.reweight import AGGREGATIONS, OBJECTIVES, policy_loss
 
 from reweight_helpers import make_context  # group ids, rewards, state, reference / expert log-probs
 

@@ -1,4 +1,4 @@
-"""REC of workbench/reweight/rec.py: group-relative REINFORCE with an explicit clip mask (none, one-side,
+"""REC of workbench/steps/reweight/rec.py: group-relative REINFORCE with an explicit clip mask (none, one-side,
 two-side, ring), a detached weight (none, token or GSPO-style importance sampling, advantage) and an
 optional regulariser (k2, forward KL). REC has no checks of its own beyond its rows: its hand-computed
 cases on the 2x3 example (CASES, EXTRA_CASES, DIAGNOSTICS) and its analytic per-token gradient

@@ -1,4 +1,4 @@
-"""Sequence-level ratio objectives of workbench/reweight/sequence_level.py: gspo, gspo_token and geo_mean
+"""Sequence-level ratio objectives of workbench/steps/reweight/sequence_level.py: gspo, gspo_token and geo_mean
 (GMPO). This file holds their hand-computed rows on the 2x3 example (CASES, EXTRA_CASES, METRICS) and
 their per-token gradient weights (WEIGHTS), which test_reweight_objectives.py runs, and checks that GSPO
 reduces token advantages to their row mean over the valid tokens.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from workbench.reweight import policy_loss
+from workbench.steps.reweight import policy_loss
 
 from reweight_helpers import (
     ADV, B, F64, LR, ROWS, T, VALID, clip, coeff, example, row_log_ratio, seq_logr,

@@ -1,4 +1,4 @@
-"""Smooth and bounded ratio shaping of workbench/reweight/smooth.py: mhpo (log-fidelity modulator and
+"""Smooth and bounded ratio shaping of workbench/steps/reweight/smooth.py: mhpo (log-fidelity modulator and
 hazard penalty), ips_alpha (exponential smoothing of the behaviour probability) and gbpo (group-median
 targets). This file holds their hand-computed rows on the 2x3 example (CASES, EXTRA_CASES, DIAGNOSTICS) and
 analytic per-token gradients (GRADIENTS), which test_reweight_objectives.py runs, and checks that on-policy

@@ -1,4 +1,4 @@
-"""TB (trajectory balance, VarGrad form) of workbench/reweight/trajectory.py. The per-group estimate
+"""TB (trajectory balance, VarGrad form) of workbench/steps/reweight/trajectory.py. The per-group estimate
 log Z_hat and the residuals on the 2x3 example give its hand-computed rows (CASES, EXTRA_CASES,
 DIAGNOSTICS) and analytic per-token gradient (GRADIENTS), which test_reweight_objectives.py runs; here:
 ``tb_log_z`` by hand, rows without tokens left out, the context TB needs, and the on-policy equivalence
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.reweight import policy_loss
-from workbench.reweight.trajectory import tb_log_z
+from workbench.steps.reweight import policy_loss
+from workbench.steps.reweight.trajectory import tb_log_z
 
 from reweight_helpers import (
     ADV, B, BEH, F64, LP, REF, REWARDS, ROWS, T, VALID, close, coeff, ex_context, example, run_example,

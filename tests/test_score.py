@@ -1,4 +1,4 @@
-"""Tests for workbench.score: rewards, their combination and validation, advantages, filtering."""
+"""Tests for workbench.steps.score: rewards, their combination and validation, advantages, filtering."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
-from workbench.score import (
+from workbench.steps.score import (
     ADVANTAGES, REWARDS, combine, compute_rewards, format_reward, overlong, score, zero_variance_mask,
 )
 

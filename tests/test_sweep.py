@@ -17,8 +17,8 @@ import pytest
 
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
-from workbench.model import save_policy
-from workbench.sweep import build_cells, cell_name, parse_grid, parse_seeds, read_sweep, sweep
+from workbench.policy.model import save_policy
+from workbench.sweeps import build_cells, cell_name, parse_grid, parse_seeds, read_sweep, sweep
 
 GRID = {"staleness": [0, 1], "objective": ["ppo_clip", "m2po"]}
 # an untrained model is never right: a length-shaped reward gives the groups reward variance
@@ -34,8 +34,8 @@ def metric_columns(df: pl.DataFrame) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     import workbench  # noqa: F401
-    from workbench.model import ModelConfig, build_model
-    from workbench.tokenizer import build_char_tokenizer
+    from workbench.policy.model import ModelConfig, build_model
+    from workbench.policy.tokenizer import build_char_tokenizer
 
     d = tmp_path_factory.mktemp("sweep")
     tok = build_char_tokenizer()

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from workbench.errors import WorkbenchError
 from workbench.tasks import TASKS, Example, make_task
-from workbench.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, tokenizer_alphabet
+from workbench.policy.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, tokenizer_alphabet
 
 
 # ---------------------------------------------------------------- tasks

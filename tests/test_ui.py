@@ -16,9 +16,9 @@ import torch
 
 from workbench.config import RunConfig
 from workbench.loop import Run
-from workbench.model import build_model
+from workbench.policy.model import build_model
 from workbench.notebook import TINY_REWARDS, ensure_kernel, find_notebook, load_params_file
-from workbench.reweight import OBJECTIVES
+from workbench.steps.reweight import OBJECTIVES
 from workbench.ui import ControlPanel, Throttle, has_frontend, live_spec, token_weights
 
 from ui_helpers import scripted_session, wait_until
@@ -208,7 +208,7 @@ def test_curve_explorer_curves_and_parameters():
     ex.set_params("ppo_clip", clip_high=0.28)
     assert ex.weight_at("ppo_clip", 1.25, 1) == pytest.approx(1.25)
     df = ex.frame()
-    from workbench.reweight.curves import weight_curve
+    from workbench.steps.reweight.curves import weight_curve
 
     for name in ex.objectives:  # every curve is each ratio's weight alone, batched or not
         for sign in (1, -1):
@@ -222,7 +222,7 @@ def test_curve_explorer_curves_and_parameters():
 
 
 def test_same_batch_replay_on_the_tiny_model(tokenizer, tiny_model_config):
-    from workbench.replay import FRESH_ROW, replay_summary, same_batch_replay
+    from workbench.studies.replay import FRESH_ROW, replay_summary, same_batch_replay
 
     cfg = RunConfig(**{**SMALL, "out_dir": "", "prompts_per_step": 8})
     run = Run(cfg, model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer, log=lambda s: None)
@@ -243,7 +243,7 @@ def test_same_batch_replay_on_the_tiny_model(tokenizer, tiny_model_config):
 
 def test_replay_at_staleness_zero_every_token_mean_objective_is_reinforce(tokenizer, tiny_model_config):
     """At ratio 1 each objective that reduces to REINFORCE has REINFORCE's gradient exactly."""
-    from workbench.replay import same_batch_replay
+    from workbench.studies.replay import same_batch_replay
 
     cfg = RunConfig(**{**SMALL, "out_dir": "", "prompts_per_step": 8})
     run = Run(cfg, model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer, log=lambda s: None)

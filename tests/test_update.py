@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from workbench.generate import SamplingParams
-from workbench.score import score
-from workbench.update import build_optimizer, kl_penalty, lr_multiplier, update_step
+from workbench.steps.generate import SamplingParams
+from workbench.steps.score import score
+from workbench.steps.update import build_optimizer, kl_penalty, lr_multiplier, update_step
 
 
 def test_kl_estimators_hand_computed():
@@ -34,7 +34,7 @@ def test_lr_multiplier(schedule, update, expected):
 
 
 def _scored_batch(tiny_model, tokenizer, addition_task, seed=0):
-    from workbench.generate import TransformersSampler
+    from workbench.steps.generate import TransformersSampler
 
     gen = torch.Generator().manual_seed(seed)
     ex = addition_task.sample(__import__("random").Random(seed), 4)
@@ -60,7 +60,7 @@ def test_update_step_moves_weights_and_reports(tiny_model, tokenizer, addition_t
 
 
 def test_kl_to_reference_is_zero_at_the_start_and_grows(tiny_model, tokenizer, addition_task):
-    from workbench.build import frozen_copy
+    from workbench.policy.build import frozen_copy
 
     ref = frozen_copy(tiny_model)
     batch = _scored_batch(tiny_model, tokenizer, addition_task)

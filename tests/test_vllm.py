@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from workbench.config import RunConfig
-from workbench.engines import vllm_available
+from workbench.steps.generate import vllm_available
 from workbench.errors import WorkbenchError
-from workbench.generate import Sampler, SamplingParams, TransformersSampler
-from workbench.logprobs import token_logprobs
+from workbench.steps.generate import Sampler, SamplingParams, TransformersSampler
+from workbench.policy.logprobs import token_logprobs
 from workbench.loop import Run
-from workbench.model import ModelConfig, build_model
-from workbench.score import score
-from workbench.update import build_optimizer, update_step
+from workbench.policy.model import ModelConfig, build_model
+from workbench.steps.score import score
+from workbench.steps.update import build_optimizer, update_step
 
 
 
@@ -58,8 +58,8 @@ def test_importing_workbench_never_imports_vllm():
     import subprocess
     import sys
 
-    code = ("import sys, workbench, workbench.loop, workbench.engines, workbench.cli, workbench.mismatch; "
-            "from workbench.engines import vllm_sampler; workbench.engines.validate_sampler('vllm', {}); "
+    code = ("import sys, workbench, workbench.loop, workbench.steps.generate, workbench.cli, workbench.steps.reweight.mismatch; "
+            "from workbench.steps.generate import vllm_sampler; workbench.steps.generate.validate_sampler('vllm', {}); "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
@@ -82,7 +82,7 @@ def closing():
 
 
 def make_sampler(model, tokenizer, closing, **options):
-    from workbench.engines import VLLMSampler
+    from workbench.steps.generate import VLLMSampler
 
     s = VLLMSampler(model, tokenizer, seed=0, log=lambda s: None, **options)
     closing(s)

@@ -23,7 +23,7 @@ import altair as alt
 import polars as pl
 import vl_convert as vlc
 
-from .errors import WorkbenchError, bad_value
+from workbench.errors import WorkbenchError, bad_value
 
 # (panel title, metric columns). Adding a panel is one line; absent columns are skipped.
 PANELS: list[tuple[str, list[str]]] = [

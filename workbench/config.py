@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import WorkbenchError, bad_value
+from workbench.errors import WorkbenchError, bad_value
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -52,7 +52,7 @@ class RunConfig:
     device: str = "auto"
     """Trainer device: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N."""
     chat_template: str = ""
-    """Prompts as one chat user turn: '' = raw prompt, 'tokenizer' = the checkpoint's template, or a Jinja template / file (workbench.chat)."""
+    """Prompts as one chat user turn: '' = raw prompt, 'tokenizer' = the checkpoint's template, or a Jinja template / file (workbench.policy.chat)."""
 
     # --- generate ---
     prompts_per_step: int = 32
@@ -70,7 +70,7 @@ class RunConfig:
     sampler: str = "transformers"
     """Generation engine: transformers (shares the trainer's model) | vllm (own weights, synced in place; needs the vllm extra)."""
     sampler_params: dict[str, Any] = field(default_factory=dict)
-    """Engine options for sampler=vllm, e.g. ``{"dtype": "bfloat16", "gpu_memory_utilization": 0.3}`` (workbench.engines.vllm_sampler.OPTIONS)."""
+    """Engine options for sampler=vllm, e.g. ``{"dtype": "bfloat16", "gpu_memory_utilization": 0.3}`` (workbench.steps.generate.vllm_sampler.OPTIONS)."""
     measure_mismatch: bool = True
     """Store the trainer's log-probs of each batch that is consumed after an update (staleness, sync_every, reuse): one no-grad forward at generation, ~1/4 of a step, for the mismatch/ metrics (engine vs trainer, drift / engine split); batches consumed at once need none."""
 
@@ -149,9 +149,9 @@ class RunConfig:
     """Run directory name; empty = generated from objective, staleness and seed."""
 
     def __post_init__(self) -> None:
-        from .reweight import OBJECTIVES, validate_params
-        from .score import ADVANTAGES, REWARDS
-        from .tasks import TASKS
+        from workbench.steps.reweight import OBJECTIVES, validate_params
+        from workbench.steps.score import ADVANTAGES, REWARDS
+        from workbench.tasks import TASKS
 
         TASKS.entry(self.task)
         ADVANTAGES.entry(self.advantage)
@@ -163,8 +163,8 @@ class RunConfig:
             _check(isinstance(entry[1], (int, float)), "rewards", entry, "a numeric weight")
             _check(len(entry) == 2 or isinstance(entry[2], dict), "rewards", entry, "a dict of reward params")
         object.__setattr__(self, "objective_params", validate_params(self.objective, self.objective_params))
-        from .engines import validate_sampler
-        from .model import DTYPES, DEVICES
+        from workbench.steps.generate import validate_sampler
+        from workbench.policy.model import DTYPES, DEVICES
 
         validate_sampler(self.sampler, self.sampler_params)
         _check(self.dtype in DTYPES, "dtype", self.dtype, " | ".join(DTYPES))
@@ -211,7 +211,7 @@ class RunConfig:
 
     def correction_spec(self):
         """The ``reweight.corrections.Correction`` of ``correction`` + ``correction_params`` (None if unset)."""
-        from .reweight.corrections import make_correction
+        from workbench.steps.reweight.corrections import make_correction
 
         return make_correction(self.correction or None, self.correction_params)
 
@@ -288,7 +288,7 @@ class Knobs:
             return self._set(changes)
 
     def _set(self, changes: dict[str, Any]) -> dict[str, Any]:
-        from .reweight import OBJECTIVES, validate_params
+        from workbench.steps.reweight import OBJECTIVES, validate_params
 
         unknown = sorted(set(changes) - set(LIVE_FIELDS))
         if unknown:

@@ -49,8 +49,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RunConfig
-from .reweight import OBJECTIVES
+from workbench.config import RunConfig
+from workbench.steps.reweight import OBJECTIVES
 
 M2PO_STABLE_TAU = (0.02, 0.12)
 _MEAN_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")

@@ -19,22 +19,22 @@ from typing import Any, Callable
 import polars as pl
 import torch
 
-from .buffer import StalenessBuffer
-from .build import build_policy, build_task, frozen_copy
-from .config import Knobs, RunConfig
-from .generate import SamplingParams, TransformersSampler, greedy_accuracy
-from .chat import render_examples, resolve_template
-from .engines import make_sampler
-from . import mismatch
-from .errors import WorkbenchError
-from .reweight.core import objective_needs
-from .rollouts import Rollouts
-from .tasks import Example
-from .warm_start import sft_batch
-from .rundir import RunDir, keep_previous
-from .score import score
-from .update import build_optimizer, lr_multiplier, proximal_logprobs, update_step
-from . import checkpoint as ckpt
+from workbench.steps.buffer import StalenessBuffer
+from workbench.policy.build import build_policy, build_task, frozen_copy
+from workbench.config import Knobs, RunConfig
+from workbench.steps.generate import SamplingParams, TransformersSampler, greedy_accuracy
+from workbench.policy.chat import render_examples, resolve_template
+from workbench.steps.generate import make_sampler
+from workbench.steps.reweight import mismatch
+from workbench.errors import WorkbenchError
+from workbench.steps.reweight.core import objective_needs
+from workbench.rollouts import Rollouts
+from workbench.tasks import Example
+from workbench.policy.warm_start import sft_batch
+from workbench.runs.rundir import RunDir, keep_previous
+from workbench.steps.score import score
+from workbench.steps.update import build_optimizer, lr_multiplier, proximal_logprobs, update_step
+from workbench.runs import checkpoint as ckpt
 
 Hook = Callable[["Run", dict[str, Any]], None]
 
@@ -58,7 +58,8 @@ class Run:
         self.ref_model = frozen_copy(model) if (config.kl_coef or needs_ref) else None
         self.chat_template = resolve_template(tokenizer, config.chat_template)  # None = raw prompts
         # config.sampler (transformers | vllm); a failed engine start raises before the run dir is touched
-        self.sampler = sampler or make_sampler(config, model, tokenizer, log=log)
+        self.sampler = sampler or make_sampler(config.sampler, config.sampler_params, model, tokenizer,
+                                                 seed=config.seed, log=log)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
         self.knobs = Knobs(config)
         self.buffer = StalenessBuffer()
@@ -166,7 +167,7 @@ class Run:
         self._timing["perf/time_score"] += time.perf_counter() - t1
         self._timing["perf/gen_tokens"] = self._timing.get("perf/gen_tokens", 0.0) + float(rollouts.response_mask.sum())
         # log pi_gen, stored while the trainer holds the generating weights; a batch consumed at once
-        # needs no forward (the update's own log-probs are pi_gen then: workbench.mismatch)
+        # needs no forward (the update's own log-probs are pi_gen then: workbench.steps.reweight.mismatch)
         later = (cfg.updates_per_batch * cfg.num_minibatches > 1 or self.knobs.staleness > 0
                  or self.knobs.sync_every > 1)
         if cfg.measure_mismatch and later and len(rollouts):
@@ -290,7 +291,7 @@ class Run:
 
 
 def _default_aggregation(objective: str) -> str:
-    from .reweight import OBJECTIVES
+    from workbench.steps.reweight import OBJECTIVES
     return OBJECTIVES.meta(objective).get("default_aggregation", "token-mean")
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkbenchError
+from workbench.errors import WorkbenchError
 
 KERNEL_NAME = "workbench"
 KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -156,14 +156,14 @@ def setup(tiny: bool = False, *, model_path: str = "", **config_fields: Any):
     ``tiny``: an untrained ~35 k-parameter model and ``TINY_REWARDS`` (CI); ``model_path``: a local
     Hugging Face checkpoint; otherwise the built-in warm start (``RunConfig(model="builtin")``).
     """
-    from .config import RunConfig
+    from workbench.config import RunConfig
 
     if not tiny:
         if model_path:
             config_fields["model"] = model_path
         return RunConfig(**config_fields), None, None
-    from .model import ModelConfig, build_model
-    from .tokenizer import build_char_tokenizer
+    from workbench.policy.model import ModelConfig, build_model
+    from workbench.policy.tokenizer import build_char_tokenizer
 
     config_fields.setdefault("rewards", TINY_REWARDS)
     config = RunConfig(**config_fields)
@@ -174,7 +174,7 @@ def setup(tiny: bool = False, *, model_path: str = "", **config_fields: Any):
 
 def write_summary(out_dir: str | Path, run_name: str, summary: dict[str, Any]) -> Path:
     """Write ``<out_dir>/<run_name>/summary.json`` (notebooks without a ``Run`` use this)."""
-    from .rundir import atomic_write_text, dumps
+    from workbench.runs.rundir import atomic_write_text, dumps
 
     d = Path(out_dir) / run_name
     d.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .errors import WorkbenchError
+from workbench.errors import WorkbenchError
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ Shapes (B sequences, P prompt tokens, T response tokens):
     prox_logprobs      [B, T] float  optional trainer recompute at the start of an update
     ref_logprobs       [B, T] float  optional frozen-reference log-probs
     trainer_logprobs   [B, T] float  optional trainer log-probs at generation time, under the
-                                      generating weights (``workbench.mismatch``)
+                                      generating weights (``workbench.steps.reweight.mismatch``)
 Non-tensor fields (length B): ``prompts``, ``completions`` (decoded text), ``answers`` (the
 task's reference answer) and ``extras`` (per-example dicts passed to reward functions).
 """

@@ -23,8 +23,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import WorkbenchError, bad_value
-from .registry import Registry
+from workbench.errors import WorkbenchError, bad_value
+from workbench.registry import Registry
 
 HELDOUT_SEED = 1_234_567  # fixed: the held-out set never depends on the run's seed
 

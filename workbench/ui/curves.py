@@ -1,7 +1,7 @@
 """The weight-curve explorer (notebook 03): every objective's per-token gradient weight w(r) against
 the importance ratio r, for positive and negative advantages, with a widget per parameter.
 
-w comes from ``workbench.reweight.curves.weight_curve`` (autograd through the registered objective:
+w comes from ``workbench.steps.reweight.curves.weight_curve`` (autograd through the registered objective:
 d loss / d logp = -w A; REINFORCE has w = 1, plain IS w = r, a clipped or masked token w = 0).
 
 Objectives whose weight depends on batch statistics (M2PO's second moment, covariance selection,
@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import polars as pl
 import torch
 
-from ..reweight import OBJECTIVES, validate_params
-from .frontend import has_frontend
-from .live import save_spec_png
-from .params import param_widget
+from workbench.steps.reweight import OBJECTIVES, validate_params
+from workbench.ui.frontend import has_frontend
+from workbench.ui.live import save_spec_png
+from workbench.ui.params import param_widget
 
 Y_DOMAIN = (-0.5, 3.5)  # weights outside are clipped in the drawing (the frame keeps them)
 
@@ -42,7 +42,7 @@ def separable(name: str, params: dict[str, Any], ratios: torch.Tensor, probes: i
     covariance rank, an adaptive bound) changes with the batch's composition. Returns (answer,
     the batched curves): a separable objective costs 6 batched calls per sign + ``probes`` single ones.
     """
-    from ..reweight.curves import weight_curve
+    from workbench.steps.reweight.curves import weight_curve
 
     n = len(ratios)
     subsets = [torch.arange(0, n, 2), torch.arange(1, n, 2), torch.arange(0, n // 2), torch.arange(n // 2, n)]
@@ -62,7 +62,7 @@ def separable(name: str, params: dict[str, Any], ratios: torch.Tensor, probes: i
 
 
 def curves_for(name: str, ratios: torch.Tensor, params: dict[str, Any], batched: bool) -> dict[int, torch.Tensor]:
-    from ..reweight.curves import weight_curve
+    from workbench.steps.reweight.curves import weight_curve
 
     return {s: weight_curve(name, ratios, s, batched=batched, **params) for s in (1, -1)}
 
@@ -161,7 +161,7 @@ class CurveExplorer:
 
     def weight_at(self, name: str, ratio: float, sign: int) -> float:
         """w(ratio) of ``name`` for advantage sign ``sign`` with the current parameters."""
-        from ..reweight.curves import weight_curve
+        from workbench.steps.reweight.curves import weight_curve
 
         return float(weight_curve(name, torch.tensor([ratio], dtype=torch.float64), sign, **self.params[name])[0])
 
@@ -197,7 +197,7 @@ class CurveExplorer:
     def _build_widgets(self) -> None:
         import ipywidgets as W
 
-        from .live import enable_offline
+        from workbench.ui.live import enable_offline
 
         enable_offline()
         import altair as alt

@@ -31,15 +31,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import RunConfig
-from ..loop import progress_postfix
-from ..reweight import OBJECTIVES
-from .frontend import has_frontend
-from .params import param_widget
-from .live import (DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES, LiveCharts, event_label, live_chart, live_spec,
+from workbench.config import RunConfig
+from workbench.loop import progress_postfix
+from workbench.steps.reweight import OBJECTIVES
+from workbench.ui.frontend import has_frontend
+from workbench.ui.params import param_widget
+from workbench.ui.live import (DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES, LiveCharts, event_label, live_chart, live_spec,
                    save_spec_png)
-from .tokens import token_html, token_weights
-from .trainer import BackgroundTrainer
+from workbench.ui.tokens import token_html, token_weights
+from workbench.ui.trainer import BackgroundTrainer
 
 STALENESS_MAX = 256
 MODES = (("fixed lag", "fixed"), ("sync_every", "sync"))
@@ -61,7 +61,7 @@ class ControlPanel:
                  headless: bool | None = None, knob_schedule=None,
                  chart_every: int = DEFAULT_EVERY_UPDATES, chart_seconds: float = DEFAULT_EVERY_SECONDS,
                  token_rows: int = 6, log: Callable[[str], None] = print):
-        from ..loop import Run
+        from workbench.loop import Run
 
         if config is None and run is None:
             config = RunConfig()

@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
-from ..logprobs import token_logprobs
-from ..reweight import OBJECTIVES, policy_loss
+from workbench.policy.logprobs import token_logprobs
+from workbench.steps.reweight import OBJECTIVES, policy_loss
 
 
 def token_weights(run, batch, objective: str, objective_params: dict[str, Any], temperature: float = 1.0,
                   aggregation: str | None = None, n: int = 6) -> dict[str, Any]:
     """r, w and A for the first ``n`` sequences of ``batch`` under ``objective`` (see module doc).
 
-    ``run`` supplies the weights and the loss context (``workbench.replay.loss_context``).
+    ``run`` supplies the weights and the loss context (``workbench.studies.replay.loss_context``).
     """
-    from ..replay import loss_context
+    from workbench.studies.replay import loss_context
 
     model = run.model
     sub = batch.select(list(range(min(n, len(batch)))))

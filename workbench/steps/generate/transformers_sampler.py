@@ -1,0 +1,159 @@
+"""``TransformersSampler``: a hand-written batched KV-cache sampler for any transformers causal LM.
+
+It left-pads the prompts (attention mask + explicit position ids, so padding never shifts
+positions), prefills each prompt once, copies its KV cache to its ``group_size`` samples, then
+decodes one token per step through the cache, stopping each sequence at EOS (dropping it from the
+batch and the cache) and the whole batch when every sequence has stopped. Sharing the prefill and
+dropping finished rows are what ``model.generate`` does not do; the sampled tokens' log-probs come
+for free. It samples with the trainer's own model object, so it always holds the current weights.
+
+Left out: repetition penalties, stop strings, beam search, speculative decoding.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from workbench.errors import WorkbenchError
+from workbench.rollouts import Rollouts
+from workbench.steps.generate.sampler import (SamplingParams, build_rollouts, check_generate_args, encode_prompts,
+                                              process_logits)
+from workbench.tasks import Example
+
+if TYPE_CHECKING:
+    from workbench.tasks import Task
+
+
+class TransformersSampler:
+    """Batched sampling with a KV cache for any transformers causal LM (CPU or GPU)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise WorkbenchError("TransformersSampler tokenizer has no eos_token: expected one to stop on")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        # Stop on the tokenizer's EOS and on any EOS the checkpoint's generation config lists
+        # (chat models often have several, e.g. <|im_end|> and <|endoftext|>).
+        extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+        self.stop_ids = torch.tensor(sorted({self.eos_id, *map(int, extra)}), dtype=torch.long)
+
+    def generate(
+        self,
+        examples: list[Example],
+        group_size: int,
+        params: SamplingParams,
+        *,
+        generator: torch.Generator,
+        policy_version: int,
+    ) -> Rollouts:
+        check_generate_args(examples, group_size, params)
+        ids, mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])  # [N, P]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                resp, resp_mask, logps = self._sample(
+                    ids.to(device), mask.to(device), group_size, params, generator
+                )
+        finally:
+            self.model.train(was_training)
+        # Clone outside inference mode: inference tensors cannot enter autograd graphs later.
+        resp, resp_mask, logps = (t.cpu().clone() for t in (resp, resp_mask, logps))  # [B, T]
+        return build_rollouts(examples, group_size, ids, mask, resp, resp_mask, logps,
+                              policy_version, self.tokenizer)
+
+    def _sample(self, prompt_ids, prompt_mask, group_size: int, params: SamplingParams, generator):
+        """Decode loop over N distinct prompts x ``group_size`` samples (B = N * group_size rows).
+
+        Each prompt is prefilled once and its KV cache copied to its group (prefill is most of the
+        work when prompts are longer than answers). Finished rows are dropped from the batch and
+        the cache ("compaction"), so rows that end early stop costing (``model.generate`` does
+        neither)."""
+        N, max_new = prompt_ids.shape[0], params.max_new_tokens
+        B = N * group_size
+        device = prompt_ids.device
+        resp = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=device)  # [B, max_new]
+        mask = torch.zeros((B, max_new), dtype=torch.float32, device=device)  # [B, max_new]
+        logps = torch.zeros((B, max_new), dtype=torch.float32, device=device)  # [B, max_new]
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits [N, V]
+        rows = torch.arange(B, device=device)  # [b] original row of each active row
+        if group_size > 1:
+            expand = torch.arange(N, device=device).repeat_interleave(group_size)  # [B]
+            _select_rows(cache, expand)
+            logits, prompt_mask = logits[expand], prompt_mask[expand]  # [B, V], [B, P]
+        attn = prompt_mask  # [b, P + t] grows by one column per step
+        next_pos = prompt_mask.sum(-1, keepdim=True)  # [b, 1]
+        stop_ids = self.stop_ids.to(device)
+        steps = 0
+        for step in range(max_new):
+            if params.temperature == 0:
+                tok = logits.argmax(-1)  # [b]
+                lp = torch.zeros(tok.shape, dtype=torch.float32, device=device)  # [b]
+            else:
+                logprobs = torch.log_softmax(process_logits(logits, params), dim=-1)  # [b, V]
+                tok = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)  # [b]
+                lp = logprobs.gather(-1, tok[:, None]).squeeze(-1)  # [b]
+            resp[rows, step] = tok
+            logps[rows, step] = lp
+            mask[rows, step] = 1.0
+            steps = step + 1
+            keep = ~torch.isin(tok, stop_ids)  # [b]
+            if step + 1 == max_new or not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                idx = keep.nonzero(as_tuple=True)[0]  # [b']
+                rows, tok, attn, next_pos = rows[idx], tok[idx], attn[idx], next_pos[idx]
+                _select_rows(cache, idx)
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)  # [b, P + t + 1]
+            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :]  # [b, V]
+            next_pos = next_pos + 1
+        return resp[:, :steps], mask[:, :steps], logps[:, :steps]  # [B, T] each
+
+
+def _select_rows(cache, idx: torch.Tensor) -> None:
+    """Keep rows ``idx`` of a KV cache (repeats allowed: that expands it). ``index_select`` is ~7x
+    faster on CPU than the advanced indexing of ``DynamicLayer.batch_select_indices``; other layer
+    types use their own method."""
+    for layer in getattr(cache, "layers", None) or [cache]:
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized:
+            layer.keys = layer.keys.index_select(0, idx)
+            layer.values = layer.values.index_select(0, idx)
+        else:
+            layer.batch_select_indices(idx)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task: "Task", examples: list[Example] | None = None,
+                    batch_size: int = 256) -> float:
+    """Fraction of ``examples`` (default: ``task.heldout``) answered correctly by greedy decoding."""
+    examples = task.heldout if examples is None else examples
+    if not examples:
+        raise WorkbenchError(f"greedy_accuracy on task {task.name!r}: no examples to evaluate")
+    sampler = TransformersSampler(model, tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=task.max_answer_tokens)
+    gen = torch.Generator().manual_seed(0)  # unused by greedy decoding; required by the protocol
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        r = sampler.generate(chunk, 1, params, generator=gen, policy_version=0)
+        correct += sum(task.verify(c, ex) for c, ex in zip(r.completions, chunk))
+    return correct / len(examples)
+
+
+__all__ = ["TransformersSampler", "greedy_accuracy"]

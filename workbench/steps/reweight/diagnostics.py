@@ -1,0 +1,85 @@
+"""The shared off-policy diagnostics ``policy_loss`` reports for every objective (no graph).
+
+All floats, over valid tokens (response_mask 1): ``offpolicy/ratio_mean|ratio_min|ratio_max``;
+``offpolicy/ratio_pos_q05|q50|q95`` and ``offpolicy/ratio_neg_q05|q50|q95`` (r split by advantage
+sign; NaN when no such token); ``offpolicy/m2`` = mean (log r)^2 (M2PO, arXiv:2510.01161);
+``offpolicy/ess_token`` = (sum w)^2 / (N sum w^2) with w = r, and ``offpolicy/ess_seq`` the same
+over sequences with w_i = exp(sum_t log r_t) (both after subtracting the max log-weight, so they
+are stable); ``offpolicy/kl_k1`` = mean(log anchor - log pi) and ``offpolicy/kl_k3`` =
+mean(r - 1 - log r) (estimates of KL(anchor || pi) from the anchor's samples, Schulman's k1/k3);
+``offpolicy/chi2_token`` = mean(r^2) - 1; ``offpolicy/pos_share`` = sum_{A>0}|L_t| / sum|L_t|
+(BAPO's balance statistic, arXiv:2510.18927; NaN when the denominator is 0);
+``offpolicy/cov_logp_adv`` = population covariance of (logp, A) (Entropy Mechanism,
+arXiv:2505.22617). With no valid token, every statistic is NaN. docs/design.md, "Diagnostics",
+defines each one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workbench.steps.reweight.inputs import LossInputs
+
+_NAN = float("nan")
+_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor) -> dict[str, Any]:
+    """Shared off-policy diagnostics over valid tokens (see the module docstring); no graph."""
+    out: dict[str, Any] = {}
+    valid = inp.mask  # [B, T]
+    lr = inp.log_ratio.detach()[valid].double()  # [N]
+    n = lr.numel()
+    names = ["ratio_mean", "ratio_min", "ratio_max", "m2", "ess_token", "ess_seq", "kl_k1", "kl_k3",
+             "chi2_token", "pos_share", "cov_logp_adv"]
+    if n == 0:
+        out.update({f"offpolicy/{k}": _NAN for k in names})
+        for sign in ("pos", "neg"):
+            out.update({f"offpolicy/ratio_{sign}_q{round(q * 100):02d}": _NAN for q in _QUANTILES})
+        return out
+    r = lr.exp()  # [N]
+    adv = inp.advantages[valid].double()  # [N]
+    lp = inp.logprobs.detach()[valid].double()  # [N]
+    loss = per_token_loss.detach()[valid].double().abs()  # [N]
+    out["offpolicy/ratio_mean"] = r.mean()
+    out["offpolicy/ratio_min"] = r.min()
+    out["offpolicy/ratio_max"] = r.max()
+    qs = torch.tensor(_QUANTILES, dtype=torch.float64, device=r.device)
+    for sign, sel in (("pos", adv > 0), ("neg", adv < 0)):
+        rs = r[sel]  # [N_sign]
+        vals = torch.quantile(rs, qs).tolist() if rs.numel() else [_NAN] * len(_QUANTILES)
+        for q, v in zip(_QUANTILES, vals):
+            out[f"offpolicy/ratio_{sign}_q{round(q * 100):02d}"] = v
+    out["offpolicy/m2"] = (lr * lr).mean()
+    out["offpolicy/ess_token"] = ess(lr)
+    seq_lw = inp.seq_sum(inp.log_ratio.detach()).double()[inp.seq_lengths > 0]  # [B']
+    out["offpolicy/ess_seq"] = ess(seq_lw)
+    out["offpolicy/kl_k1"] = (-lr).mean()
+    out["offpolicy/kl_k3"] = (r - 1.0 - lr).mean()
+    out["offpolicy/chi2_token"] = (r * r).mean() - 1.0
+    den = loss.sum()
+    out["offpolicy/pos_share"] = loss[adv > 0].sum() / den if float(den) > 0 else _NAN
+    out["offpolicy/cov_logp_adv"] = ((lp - lp.mean()) * (adv - adv.mean())).mean()
+    return out
+
+
+def ess(log_w: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / (N sum w^2) from log-weights, shifted by the max so nothing overflows."""
+    w = torch.exp(log_w - log_w.max())  # [N], max weight 1
+    return w.sum() ** 2 / (log_w.numel() * (w * w).sum())
+
+
+def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Convert tensor/float metrics to Python floats with one ``tolist`` (one device sync)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        dev = metrics[keys[0]].device
+        stacked = torch.stack([metrics[k].detach().reshape(()).to(dev, torch.float64) for k in keys])
+        out.update(zip(keys, stacked.tolist()))
+    return {k: out[k] for k in metrics}
+
+
+__all__ = ["diagnostics", "ess", "to_floats"]

@@ -1,0 +1,133 @@
+"""Sampler-vs-trainer mismatch, and the split of the objective's log-ratio into drift and mismatch.
+
+Three policies meet in an update (DESIGN.md section 4): the behaviour policy mu (the sampler: an
+engine with its own kernels and dtype, at version v_b), the trainer at that same version
+pi_gen = pi_{theta_{v_b}} (same weights as mu, the trainer's kernels), and the current trainer
+pi_theta. Per sampled token the log-ratio the objective sees splits exactly:
+
+    log pi_theta - log mu  =  (log pi_theta - log pi_gen)  +  (log pi_gen - log mu)
+         total                    policy drift                   engine mismatch
+
+Drift is staleness (updates since v_b, and earlier minibatches of a reused batch); engine mismatch
+is what differs between two programs holding the same weights: kernels, dtype (a bf16 engine),
+and a truncated sampling distribution (top-k / top-p: mu is renormalised over fewer tokens than
+the trainer's full softmax, so that gap is counted here too).
+
+Where log pi_gen comes from. A batch consumed by an update that starts at its generating version
+(staleness 0, no reuse: the default run) needs nothing extra: the update's own log-probs are
+log pi_gen, drift is exactly 0 and ``metrics`` uses them. A batch consumed later (staleness > 0,
+``sync_every`` > 1, several updates per batch) gets ``attach_trainer_logprobs`` right after
+generation, when the trainer holds exactly the generating weights (always true in workbench: the
+buffer generates every batch with the current weights and delays it, DESIGN.md section 4): one
+no-grad forward stores log pi_gen as ``Rollouts.trainer_logprobs`` (kept through the buffer and
+checkpoints). The loop does that when ``RunConfig.measure_mismatch`` (default on; measured on the
+default model, 256 sequences: ~0.3 s per generated batch on one CPU thread, about a quarter of a
+training step, and nothing at staleness 0). With ``TransformersSampler`` (same model object, full
+distribution) engine mismatch is float rounding (~1e-7) and drift is all of it.
+
+Metrics (``metrics``; per update over valid tokens; "x" is the log-ratio of a component, rho = e^x
+clamped to exp(+-20)):
+    mismatch/{total,drift,engine}_mean      signed mean of x (total_mean = drift_mean + engine_mean)
+    mismatch/{total,drift,engine}_abs_mean  mean |x|
+    mismatch/{total,drift,engine}_abs_max   max |x|
+    mismatch/{total,drift,engine}_m2        mean x^2 (M2PO's second moment of that component)
+    mismatch/{total,drift,engine}_k3        mean (rho - 1 - x): Schulman's k3; for engine it
+                                            estimates KL(mu || pi_gen), samples being from mu
+    mismatch/{total,drift,engine}_chi2      mean rho^2 - 1 (token chi^2, verl)
+    mismatch/engine_ppl_ratio               mean over sequences of PPL_trainer / PPL_engine =
+                                            exp(mean_t (log mu - log pi_gen)) (verl's ppl ratio)
+    mismatch/engine_share                   engine_m2 / (drift_m2 + engine_m2): which source the
+                                            objective is fighting (nan when both are 0)
+Engine-vs-trainer numbers (``mismatch/engine_*``) are the "max/mean |delta logp|, k3 KL,
+perplexity ratio, token chi^2" of objectives.md section 5 item 7.
+
+Left out: per-staleness breakdowns, sequence-level chi^2, histograms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.policy.logprobs import token_logprobs
+from workbench.rollouts import Rollouts
+
+COMPONENTS = ("total", "drift", "engine")
+
+
+def attach_trainer_logprobs(model, rollouts: Rollouts, temperature: float) -> Rollouts:
+    """``rollouts`` with ``trainer_logprobs`` = the model's log-probs of the sampled tokens (no grad,
+    fp32, CPU, zeros at padding), at the sampling ``temperature``. Call it while ``model`` holds the
+    weights that generated the batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, rollouts, temperature=temperature)  # [B, T]
+    finally:
+        model.train(was_training)
+    return rollouts.with_(trainer_logprobs=lp.float().cpu())
+
+
+def decompose(logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
+              mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token ``total`` = log pi_theta - log mu, ``drift`` = log pi_theta - log pi_gen, ``engine`` =
+    log pi_gen - log mu; all [B, T] float64, zero at padding, and drift + engine == total exactly
+    up to float64 rounding."""
+    lp, gen, beh = (t.detach().to(torch.float64) for t in (logprobs, trainer_logprobs, behavior_logprobs))
+    valid = mask.to(lp.device) > 0  # [B, T]
+    zero = torch.zeros_like(lp)
+    beh, gen = beh.to(lp.device), gen.to(lp.device)
+    return {
+        "total": torch.where(valid, lp - beh, zero),
+        "drift": torch.where(valid, lp - gen, zero),
+        "engine": torch.where(valid, gen - beh, zero),
+    }
+
+
+def _stats(x: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    v = x[valid]  # [n] float64
+    if v.numel() == 0:
+        return {k: float("nan") for k in ("mean", "abs_mean", "abs_max", "m2", "k3", "chi2")}
+    xc = v.clamp(-20.0, 20.0)
+    rho = xc.exp()
+    return {
+        "mean": float(v.mean()),
+        "abs_mean": float(v.abs().mean()),
+        "abs_max": float(v.abs().max()),
+        "m2": float((v * v).mean()),
+        "k3": float((rho - 1.0 - xc).mean()),
+        "chi2": float((rho * rho).mean() - 1.0),
+    }
+
+
+def metrics(logprobs: torch.Tensor, batch: Rollouts, policy_version: int | None = None) -> dict[str, float]:
+    """The ``mismatch/`` metrics of one update. ``logprobs`` [B, T] are the current policy's (what
+    the objective sees); ``policy_version`` is the version at the start of the update. log pi_gen is
+    ``batch.trainer_logprobs``, or ``logprobs`` themselves when every row was generated by
+    ``policy_version`` (staleness 0); otherwise there is nothing to split and the result is empty."""
+    gen = batch.trainer_logprobs
+    if gen is None:
+        if policy_version is None or not bool((batch.policy_version == int(policy_version)).all()):
+            return {}
+        gen = logprobs
+    mask = batch.response_mask
+    parts = decompose(logprobs, gen, batch.behavior_logprobs, mask)
+    valid = mask.to(parts["total"].device) > 0  # [B, T]
+    out: dict[str, float] = {}
+    for name in COMPONENTS:
+        for stat, value in _stats(parts[name], valid).items():
+            out[f"mismatch/{name}_{stat}"] = value
+    # perplexity ratio PPL_trainer / PPL_engine per sequence, averaged over sequences
+    lengths = valid.sum(-1)  # [B]
+    has = lengths > 0
+    if bool(has.any()):
+        seq_mean = (-parts["engine"]).sum(-1)[has] / lengths[has]  # [b] mean_t (log mu - log pi_gen)
+        out["mismatch/engine_ppl_ratio"] = float(seq_mean.clamp(-20.0, 20.0).exp().mean())
+    else:
+        out["mismatch/engine_ppl_ratio"] = float("nan")
+    denom = out["mismatch/drift_m2"] + out["mismatch/engine_m2"]
+    out["mismatch/engine_share"] = out["mismatch/engine_m2"] / denom if denom > 0 else float("nan")
+    return out
+
+
+__all__ = ["COMPONENTS", "attach_trainer_logprobs", "decompose", "metrics"]

@@ -1,0 +1,30 @@
+"""The objective catalogue: importing this module registers every policy-loss objective.
+
+Each objective is one plain function ``fn(inp: LossInputs, **params) -> LossOutput`` registered in
+``OBJECTIVES`` with its paper, summary, parameters and default aggregation. The functions live in
+family modules so each stays short:
+
+- ``ppo_family``: ``reinforce``, ``is``, ``ppo_clip`` (presets grpo / dapo), ``dual_clip``, ``sapo``
+  (arXiv:1707.06347, 1912.09729, 2402.03300, 2503.14476, 2511.20347).
+- ``is_weighted``: ``tis``, ``cispo``, ``topr`` and the reusable ``truncated_is_weight``
+  (TIS: fengyao.notion.site/off-policy-rl; arXiv:2506.13585, 2503.14286).
+- ``sequence_level``: ``gspo``, ``gspo_token``, ``geo_mean`` (arXiv:2507.18071, 2507.20673).
+- ``m2po``: ``m2po`` and the reusable ``m2po_mask`` (arXiv:2510.01161).
+- seed methods (objectives.md 3.2-3.24): ``adaptive`` (``bapo``, ``r2vpo``), ``smooth`` (``mhpo``,
+  ``ips_alpha``, ``gbpo``), ``rec``, ``covariance`` (``clip_cov``, ``kl_cov``), ``trajectory`` (``tb``),
+  ``chord``. Some need ``policy_loss(..., context=...)`` (metadata ``needs``; see ``context``).
+
+Formulas are from objectives.md (sections 2.1-2.12, 3.1, 3.3); each function's docstring states
+its per-token loss and gradient. Left out for later issues: BAPO adaptive bounds, REC, Clip-Cov /
+KL-Cov, MHPO, R2VPO, the decoupled behaviour weight and TIS/MIS as a correction on any objective.
+"""
+
+from __future__ import annotations
+
+from workbench.steps.reweight import is_weighted, m2po, ppo_family, sequence_level  # noqa: F401  (registration)
+from workbench.steps.reweight import adaptive, chord, covariance, rec, smooth, trajectory  # noqa: F401  (seed methods)
+from workbench.steps.reweight.is_weighted import truncated_is_weight
+from workbench.steps.reweight.m2po import m2po_mask
+from workbench.steps.reweight.ppo_family import clipped_surrogate
+
+__all__ = ["clipped_surrogate", "m2po_mask", "truncated_is_weight"]

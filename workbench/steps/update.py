@@ -1,0 +1,185 @@
+"""update: one optimizer step on one minibatch (reweight happens inside, via ``policy_loss``).
+
+What it does: recomputes the current policy's log-probs of the sampled tokens (at the sampling
+temperature, so the ratio compares like with like), builds the policy loss with the chosen
+objective (``workbench.steps.reweight``), optionally adds a KL penalty to a frozen reference policy
+(Schulman's k1/k2/k3 estimators, http://joschu.net/blog/kl-approx.html) and an entropy bonus,
+clips the gradient norm and takes an AdamW step. The learning-rate schedule is a plain function of
+the update index so that it survives checkpoints without extra state.
+
+Leaves out: value heads/GAE (critic-free methods only), gradient accumulation across micro-batches
+(the whole minibatch fits on CPU at this scale), mixed precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.policy.logprobs import token_logprobs
+from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
+from workbench.steps.reweight import policy_loss
+from workbench.steps.reweight.core import objective_needs
+from workbench.steps.reweight.corrections import loglinear_proximal
+from workbench.rollouts import Rollouts
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach=False: the single-tensor path is bitwise reproducible across resume on CPU.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=False)
+
+
+def lr_multiplier(update: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier on the base lr at ``update`` (0-based): linear warm-up, then the schedule."""
+    if warmup and update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) on samples; [B, T] -> [B, T]."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)  # [B, T] log(pi_ref / pi_theta)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(log_ratio) - 1 - log_ratio  # k3
+
+
+@torch.no_grad()
+def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float) -> torch.Tensor:
+    """log pi_prox of the sampled tokens: the trainer's current weights, no graph. [B, T]
+
+    AReaL's decoupled PPO (arXiv:2505.24298) recomputes them once per batch, at the start of its
+    first update, so with reuse (epochs x minibatches) the clip acts on the later minibatches while
+    the behaviour weight pi_prox / mu corrects for staleness.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return token_logprobs(model, batch, temperature=temperature)[0]
+    finally:
+        model.train(was_training)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def update_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Rollouts,
+    *,
+    objective: str,
+    objective_params: dict[str, Any],
+    aggregation: str,
+    temperature: float,
+    grad_clip: float,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    ref_model: torch.nn.Module | None = None,
+    correction: Any = None,
+    proximal: str = "none",
+    policy_version: int | None = None,
+    loss_scale_factor: float | None = None,
+    context: dict[str, Any] | None = None,
+    expert_batch: Rollouts | None = None,
+) -> dict[str, float]:
+    """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
+
+    ``correction`` (a ``reweight.corrections.Correction``, preset name, dict or None) is passed to
+    ``policy_loss``. ``proximal``: ``none`` uses ``batch.prox_logprobs`` if the batch carries them
+    (else two-policy bypass); ``recompute`` runs a no-grad forward at the start of this update, so
+    the proximal policy is the policy at the start of this update unless the batch already carries
+    ``prox_logprobs`` (the loop attaches them once per batch, AReaL-style; with reuse, i.e.
+    updates_per_batch or num_minibatches > 1, that is not the policy at the start of the batch) and
+    the ratio pi_theta / pi_prox is 1 in value at this single optimizer step; ``loglinear``
+    approximates it without a forward pass from the versions (needs ``policy_version``, the
+    version at the start of this update; ``reweight.corrections.loglinear_proximal``).
+    ``loss_scale_factor`` is the fixed normaliser of seq-mean-token-sum-norm (None = mask width).
+
+    ``context`` (e.g. ``{"step": k, "state": run.objective_state}``) is passed to ``policy_loss``
+    with ``group_id`` and ``rewards`` from the batch added; ``ref_logprobs`` are added when
+    ``ref_model`` is given and the objective needs them (computed once, shared with the KL penalty);
+    ``expert_batch`` (CHORD: prompts + expert answers + EOS) is scored by ``model`` in the same graph
+    and passed as ``expert_logprobs`` / ``expert_mask``.
+    """
+    t0 = time.perf_counter()
+    model.train()
+    mask = batch.response_mask  # [B, T]
+    prox = batch.prox_logprobs  # [B, T] or None
+    extra: dict[str, float] = {}
+    if proximal == "recompute" and prox is None:  # the loop attaches them once per batch
+        prox = proximal_logprobs(model, batch, temperature)
+    logprobs, entropy = token_logprobs(model, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
+    if proximal == "loglinear":
+        if policy_version is None:
+            raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
+        prox, alpha = loglinear_proximal(logprobs, batch.behavior_logprobs, batch.policy_version, policy_version,
+                                         mask)  # [B, T], [B]
+        extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
+    elif proximal not in ("none", "recompute"):
+        raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
+    ctx: dict[str, Any] = {"group_id": batch.group_id, "rewards": batch.rewards, **(context or {})}
+    ref_lp = None
+    if ref_model is not None and (kl_coef or "ref_logprobs" in objective_needs(objective, objective_params)):
+        with torch.no_grad():
+            ref_lp, _ = token_logprobs(ref_model, batch, temperature=temperature)  # [B, T]
+        ctx["ref_logprobs"] = ref_lp
+    if expert_batch is not None:
+        ctx["expert_logprobs"], _ = token_logprobs(model, expert_batch, temperature=temperature)  # [Be, Te]
+        ctx["expert_mask"] = expert_batch.response_mask
+    t1 = time.perf_counter()
+    loss, metrics = policy_loss(
+        objective, logprobs, batch.behavior_logprobs, batch.advantages, mask,
+        aggregation=aggregation, loss_scale_factor=loss_scale_factor, prox_logprobs=prox, correction=correction,
+        context=ctx, **objective_params,
+    )
+    metrics.update(extra)
+    metrics.update(mismatch_metrics(logprobs, batch, policy_version))  # drift / engine split (mismatch.py)
+    total = loss
+    ent = _masked_mean(entropy, mask)
+    if entropy_coef:
+        total = total - entropy_coef * ent
+    if kl_coef and ref_model is not None:
+        kl = _masked_mean(kl_penalty(logprobs, ref_lp, kl_estimator), mask)
+        total = total + kl_coef * kl
+        metrics["loss/kl_ref"] = float(kl.detach())
+    t2 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)  # never apply a non-finite step
+        metrics["loss/skipped_nonfinite"] = 1.0
+    else:
+        optimizer.step()
+        metrics["loss/skipped_nonfinite"] = 0.0
+    t3 = time.perf_counter()
+    metrics.update({
+        "loss/total": float(total.detach()),
+        "loss/entropy": float(ent.detach()),
+        "loss/grad_norm": float(grad_norm),
+        "perf/time_forward": t1 - t0,
+        "perf/time_loss": t2 - t1,
+        "perf/time_backward": t3 - t2,
+        "perf/train_tokens": float(mask.sum()),
+    })
+    return metrics

@@ -1,0 +1,404 @@
+""""Prosperity before collapse" at CPU scale: the sweep, its per-run statistics, the checks, the report.
+
+    python -m workbench report --size cpu        # runs (or resumes) the sweeps, writes reports/prosperity.md
+
+    from workbench.studies import prosperity
+    df = prosperity.run_sweeps("workshop")       # merged metrics of every run (on-policy + stale grid)
+    runs = prosperity.runs_table(df)             # one row per run: final / best accuracy, collapse, fractions
+    table = prosperity.summary_table(runs)       # objective x staleness: mean and spread over seeds
+    checks = prosperity.check_claims(table)      # the four statements of issue 6, evaluated on the data
+
+The claim being reproduced (M2PO, Zheng et al. 2025, "Prosperity before Collapse: How Far Can
+Off-Policy RL Reach with Stale Data on LLMs?", arXiv:2510.01161): with stale rollouts, unclipped
+importance sampling first improves and then collapses, PPO/GRPO clipping degrades (it clips the
+high-entropy tokens that carry the learning signal: 1.22% of tokens clipped at staleness 256 on
+Qwen2.5-32B), while masking only the tokens that push the second moment M2 = mean (log r)^2 above
+tau (0.06% masked) keeps on-policy accuracy at staleness 256.
+
+**What runs.** Two resumable sweeps (``workbench.sweeps``) under ``<out_dir>/``: the on-policy
+reference ``prosperity-onpolicy`` (staleness 0, ``ppo_clip``: at staleness 0 with one minibatch
+every objective here sees ratios of 1 and computes the same gradient, so it is run once, not once
+per objective) and the grid ``prosperity-stale`` (``staleness`` x ``objective``), each over the
+same seeds. ``SIZES`` names the scales; the built-in default model and task are used unchanged.
+
+**Statistics** (``runs_table``). ``final``: mean of the last ``FINAL_EVALS`` held-out evaluations
+(one evaluation on 256 problems has a binomial standard error of ~3 points; averaging three
+reduces it). ``best``: the highest single evaluation. ``collapse``: the first evaluated update
+after the best at which accuracy is below the run's starting accuracy (the policy became worse
+than where it began; None if never). ``zeroed``: mean fraction of tokens whose gradient the
+objective zeroed (``offpolicy/clipfrac`` + ``offpolicy/masked_frac``: PPO clipping, M2PO masking);
+``truncated``: mean fraction whose weight was capped but still carries gradient (CISPO, TOPR).
+Seeds are summarised as mean and spread (half the max - min range; with two seeds, the distance
+of each seed from the mean).
+
+Left out: staleness-adaptive learning rates, the paper's model sizes and tasks (see the report's
+scale section), significance tests (two or three seeds cannot support them).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from workbench.errors import WorkbenchError
+
+FINAL_EVALS = 3  # "final" accuracy = mean of the last 3 held-out evaluations
+ONPOLICY = "on-policy"  # the objective label of the reference runs in tables and charts
+
+
+@dataclass(frozen=True)
+class Size:
+    """One scale of the reproduction."""
+
+    staleness: tuple[int, ...]
+    """Staleness values of the stale grid (the on-policy reference is staleness 0)."""
+    objectives: tuple[str, ...]
+    """Objectives of the stale grid (registry names)."""
+    seeds: int
+    """Seeds per cell (base seed, +1, ...)."""
+    steps: int
+    """Updates per run."""
+    minutes: str
+    """Measured wall time on 2 CPU cores (documentation only)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """RunConfig fields over the defaults (empty: the built-in default run)."""
+
+
+SIZES: dict[str, Size] = {
+    "cpu": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=2,
+                steps=300, minutes="about 90"),
+    "workshop": Size(staleness=(64, 256), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=150,
+                     minutes="about 8"),
+}
+
+
+def base_config(size: Size, out_dir: str = "runs", **fields: Any):
+    """The base ``RunConfig`` of a size: the built-in default with ``steps`` and the overrides."""
+    from workbench.config import RunConfig
+
+    return RunConfig(**{"steps": size.steps, "out_dir": out_dir, **size.overrides, **fields})
+
+
+def resolve_size(size: str | Size = "cpu", *, steps: int = 0, staleness: str | tuple = "", objectives: str | tuple = "",
+                 seeds: int = 0) -> Size:
+    """A named size with some of its fields replaced (0 / empty keeps the size's value); for notebooks."""
+    from dataclasses import replace
+
+    from workbench.steps.reweight import OBJECTIVES
+
+    base = _size(size)
+    if isinstance(staleness, str):
+        try:
+            staleness = tuple(int(s) for s in staleness.split(",") if s.strip())
+        except ValueError:
+            raise WorkbenchError(f"staleness={staleness!r} is invalid: expected comma-separated integers") from None
+    if isinstance(objectives, str):
+        objectives = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    for o in objectives:
+        OBJECTIVES.get(o)  # unknown names: one line listing the valid ones
+    if any(s < 1 for s in staleness):
+        raise WorkbenchError(f"staleness={staleness!r} is invalid: the grid's values must be >= 1 (0 is the "
+                             "on-policy reference, always run)")
+    for name, v in (("steps", steps), ("seeds", seeds)):
+        if not isinstance(v, int) or v < 0:
+            raise WorkbenchError(f"{name}={v!r} is invalid: expected an int >= 0 (0 keeps the size's)")
+    return replace(base, staleness=tuple(staleness) or base.staleness, objectives=tuple(objectives) or base.objectives,
+                   seeds=seeds or base.seeds, steps=steps or base.steps)
+
+
+def tiny_base(size: Size, out_dir: str = "runs"):
+    """A base config on an untrained ~35 k-parameter checkpoint saved under ``out_dir`` (CI, seconds a run).
+
+    An untrained model is never right, so the reward adds a length-shaped term (``notebook.TINY_REWARDS``).
+    """
+    from workbench.policy.model import ModelConfig, build_model, save_policy
+    from workbench.notebook import TINY_MODEL, TINY_REWARDS
+    from workbench.policy.tokenizer import build_char_tokenizer
+
+    path = Path(out_dir) / "tiny_model"
+    if not (path / "config.json").is_file():
+        tok = build_char_tokenizer()
+        save_policy(build_model(ModelConfig(**TINY_MODEL), tok, seed=0), tok, path)
+    return base_config(size, out_dir, model=str(path.resolve()), rewards=TINY_REWARDS, prompts_per_step=4,
+                       group_size=4, eval_every=2, eval_size=8, lr=1e-2, task_params={"heldout_size": 8})
+
+
+def sweep_prefix(size: str | Size = "cpu", base=None, out_dir: str = "runs") -> str:
+    """The sweeps' folder prefix: ``prosperity`` for the report's grid (``cpu`` on the default base),
+    ``prosperity-<size>`` for another named size, ``prosperity-custom-<hash>`` for anything else, so
+    different grids or bases never share (and never overwrite) each other's runs."""
+    import hashlib
+    import json
+
+    size = _size(size)
+    default = base_config(size, out_dir)
+    if base is None or base.to_dict() == default.to_dict():
+        for name, known in SIZES.items():
+            if known == size:
+                return "prosperity" if name == "cpu" else f"prosperity-{name}"
+    key = json.dumps({"size": repr(size), "base": (base or default).to_dict()}, sort_keys=True, default=str)
+    return "prosperity-custom-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def run_sweeps(size: str | Size = "cpu", *, base=None, out_dir: str = "runs", prefix: str | None = None,
+               workers: int | None = None, threads_per_run: int = 1, ray: str | None = None,
+               progress: bool = True, log: Callable[[str], None] = print) -> pl.DataFrame:
+    """Run (or resume) the on-policy reference and the stale grid; returns their merged metrics.
+
+    ``base`` replaces ``base_config(size, out_dir)`` (tests pass a tiny model). The folders are
+    ``<out_dir>/<prefix>-onpolicy`` and ``-stale`` (``prefix`` default: ``sweep_prefix``). The result
+    has one row per (run, update) with ``objective`` = ``ON_POLICY`` for the reference runs.
+    """
+    from workbench.sweeps import sweep
+
+    size = _size(size)
+    base = base if base is not None else base_config(size, out_dir)
+    prefix = prefix or sweep_prefix(size, base, base.out_dir or "runs")
+    common = dict(seeds=size.seeds, workers=workers, threads_per_run=threads_per_run, ray=ray, progress=progress,
+                  log=log)
+    sweep(base, {"staleness": [0], "objective": ["ppo_clip"]}, name=f"{prefix}-onpolicy", **common)
+    sweep(base, {"staleness": list(size.staleness), "objective": list(size.objectives)}, name=f"{prefix}-stale",
+          **common)
+    return load_sweeps(base.out_dir or "runs", prefix)
+
+
+def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFrame:
+    """The merged metrics of sweeps already run (``run_sweeps``' folders), without running anything.
+
+    Adds ``initial_accuracy`` (each run's held-out accuracy before its first update, from
+    ``sweep_runs.parquet``); the reference runs' ``objective`` is ``ON_POLICY``.
+    """
+    from workbench.sweeps import RUNS_FILE, read_sweep
+
+    parts = []
+    for kind in ("onpolicy", "stale"):
+        folder = Path(out_dir) / f"{prefix}-{kind}"
+        df = read_sweep(folder)
+        runs_file = folder / RUNS_FILE
+        col = "summary/eval/initial_accuracy"
+        if runs_file.is_file():
+            runs = pl.read_parquet(runs_file)
+            if col in runs.columns:
+                df = df.join(runs.select("run", pl.col(col).cast(pl.Float64).alias("initial_accuracy")), on="run",
+                             how="left")
+        if kind == "onpolicy":
+            df = df.with_columns(pl.lit(ONPOLICY).alias("objective"))
+        parts.append(df)
+    return pl.concat(parts, how="diagonal_relaxed")
+
+
+def sweep_base(out_dir: str = "runs", prefix: str = "prosperity") -> dict[str, Any]:
+    """The stale grid's base config as recorded in its ``sweep.json`` ({} if absent)."""
+    import json
+
+    from workbench.sweeps import SPEC_FILE
+
+    path = Path(out_dir) / f"{prefix}-stale" / SPEC_FILE
+    return json.loads(path.read_text()).get("base", {}) if path.is_file() else {}
+
+
+def _size(size: str | Size) -> Size:
+    if isinstance(size, Size):
+        return size
+    if size not in SIZES:
+        raise WorkbenchError(f"size={size!r} is invalid: expected one of {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+# ----------------------------------------------------------------------------- per-run statistics
+def collapse_update(updates: list[int], accuracy: list[float], initial: float) -> int | None:
+    """First evaluated update after the best at which accuracy < ``initial`` (None if none)."""
+    if not accuracy:
+        return None
+    best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))  # first occurrence of the max
+    for u, a in zip(updates[best + 1:], accuracy[best + 1:]):
+        if a < initial:
+            return int(u)
+    return None
+
+
+def _col_mean(df: pl.DataFrame, col: str) -> float:
+    if col not in df.columns:
+        return 0.0
+    v = df.get_column(col).cast(pl.Float64).drop_nulls().drop_nans()
+    return float(v.mean()) if len(v) else 0.0
+
+
+def runs_table(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per successful run: objective, staleness, seed, initial, final, best, best_update,
+    collapse, zeroed, truncated, m2, ess, entropy, response_len (module docstring for definitions).
+
+    ``initial`` is the held-out accuracy before the first update (``summary/eval/initial_accuracy``
+    when the sweep recorded it, else the first evaluation).
+    """
+    need = {"run", "status", "objective", "staleness", "seed", "update", "eval/accuracy"}
+    missing = sorted(need - set(df.columns))
+    if missing:
+        raise WorkbenchError(f"sweep metrics lack column(s) {', '.join(missing)}: not a prosperity sweep")
+    rows = []
+    for (run,), part in df.filter(pl.col("status") == "ok").group_by(["run"], maintain_order=True):
+        part = part.sort("update")
+        ev = part.filter(pl.col("eval/accuracy").is_not_null())
+        updates = [u + 1 for u in ev["update"].to_list()]  # evaluated after update u: policy version u + 1
+        acc = [float(a) for a in ev["eval/accuracy"].to_list()]
+        initial = part["initial_accuracy"][0] if "initial_accuracy" in part.columns else None
+        if initial is None or (isinstance(initial, float) and math.isnan(initial)):
+            initial = acc[0] if acc else float("nan")
+        best_i = max(range(len(acc)), key=lambda i: (acc[i], -i)) if acc else None
+        rows.append({
+            "objective": part["objective"][0], "staleness": int(part["staleness"][0]), "seed": int(part["seed"][0]),
+            "run": run, "updates": int(part["update"].max()) + 1, "initial": float(initial),
+            "final": sum(acc[-FINAL_EVALS:]) / len(acc[-FINAL_EVALS:]) if acc else float("nan"),
+            "best": acc[best_i] if acc else float("nan"), "best_update": updates[best_i] if acc else None,
+            "collapse": collapse_update(updates, acc, float(initial)),
+            "zeroed": _col_mean(part, "offpolicy/clipfrac") + _col_mean(part, "offpolicy/masked_frac"),
+            "truncated": _col_mean(part, "offpolicy/truncated_frac"),
+            "m2": _col_mean(part, "offpolicy/m2"), "ess": _col_mean(part, "offpolicy/ess_token"),
+            "entropy": _col_mean(part, "loss/entropy"), "response_len": _col_mean(part, "reward/response_len_mean"),
+        })
+    if not rows:
+        raise WorkbenchError("the sweep has no successful run: nothing to summarise")
+    return pl.from_dicts(rows, infer_schema_length=None).sort(["staleness", "objective", "seed"])
+
+
+STATS = ("initial", "final", "best", "zeroed", "truncated", "m2", "ess", "entropy", "response_len")
+
+
+def summary_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """Objective x staleness: ``<stat>`` = mean over seeds and ``<stat>_spread`` = (max - min) / 2 for
+    every statistic in ``STATS``; ``seeds``; ``collapsed`` = how many seeds collapsed and
+    ``collapse`` = the mean collapse update over those (None if none did)."""
+    aggs = [pl.len().alias("seeds")]
+    for s in STATS:
+        aggs += [pl.col(s).mean().alias(s), ((pl.col(s).max() - pl.col(s).min()) / 2).alias(f"{s}_spread")]
+    aggs += [pl.col("collapse").is_not_null().sum().alias("collapsed"), pl.col("collapse").mean().alias("collapse")]
+    order = {ONPOLICY: -1}
+    out = runs.group_by(["objective", "staleness"]).agg(aggs)
+    return out.with_columns(pl.col("objective").replace_strict(order, default=0).alias("_o")).sort(
+        ["_o", "staleness", "objective"]).drop("_o")
+
+
+# ----------------------------------------------------------------------------- the four checks
+@dataclass(frozen=True)
+class Check:
+    """One must-hold statement evaluated on the data: ``holds`` is None when the data cannot say."""
+
+    name: str
+    statement: str
+    holds: bool | None
+    evidence: str
+
+
+def _cell(table: pl.DataFrame, objective: str, staleness: int) -> dict[str, Any] | None:
+    hit = table.filter((pl.col("objective") == objective) & (pl.col("staleness") == staleness))
+    return hit.row(0, named=True) if hit.height else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _pm(row: dict[str, Any], stat: str) -> str:
+    """``<stat>`` with its spread over seeds (none shown for one seed)."""
+    return _pct(row[stat]) + (f" +- {_pct(row[stat + '_spread'])}" if row["seeds"] > 1 else "")
+
+
+PAPER_CLIPFRAC = 0.0122  # GRPO's clipped-token fraction at staleness 256, Qwen2.5-32B (arXiv:2510.01161)
+
+
+def drift_matched_staleness(table: pl.DataFrame, target: float = PAPER_CLIPFRAC) -> int | None:
+    """The grid staleness at which ``ppo_clip`` clips the fraction of tokens closest to ``target``
+    (in log ratio), or None without ``ppo_clip`` runs.
+
+    "Staleness 256" is a number of updates, and how far a policy moves per update depends on the
+    model, the task and the learning rate. PPO's clipped fraction (eps 0.2) measures that distance
+    in the same units here and in the paper, so the staleness where ``ppo_clip`` clips what GRPO
+    clipped in the paper is where this setup's data is as stale as the paper's staleness-256 data.
+    """
+    rows = table.filter((pl.col("objective") == "ppo_clip") & (pl.col("staleness") > 0) & (pl.col("zeroed") > 0))
+    if not rows.height:
+        return None
+    dist = [abs(math.log(z / target)) for z in rows["zeroed"].to_list()]
+    return int(rows["staleness"][dist.index(min(dist))])
+
+
+def check_claims(table: pl.DataFrame, *, staleness: int | None = None, margin: float = 0.03, degrade: float = 0.05,
+                 ratio: float = 0.1) -> list[Check]:
+    """Issue 6's must-hold statements at ``staleness`` (default: the highest of ``table``, a ``summary_table``).
+
+    (a) the on-policy reference's final accuracy; (b) ``is`` improves by >= ``degrade`` over its start
+    and then ends >= ``degrade`` below its best, and ``ppo_clip`` ends >= ``margin`` below on-policy;
+    (c) ``m2po`` ends at most ``margin`` below on-policy; (d) ``m2po``'s masked fraction is at most
+    ``ratio`` x ``ppo_clip``'s clipped fraction. Accuracies are fractions (0.03 = 3 points).
+    """
+    ref = _cell(table, ONPOLICY, 0)
+    stale = [s for s in table["staleness"].unique().to_list() if s > 0]
+    s = staleness if staleness is not None else (max(stale) if stale else None)
+    out = []
+    if ref is None:
+        return [Check("a", "on-policy reference", None, "no on-policy reference run in the data")]
+    out.append(Check("a", "on-policy reference final accuracy", True,
+                     f"{_pm(ref, 'final')} from {_pct(ref['initial'])} "
+                     f"({ref['seeds']} seed(s))"))
+    is_, clip, m2 = (_cell(table, o, s) if s is not None else None for o in ("is", "ppo_clip", "m2po"))
+    if is_ is None or clip is None:
+        out.append(Check("b", "stale IS improves then degrades; clipping alone degrades", None,
+                         f"needs is and ppo_clip at staleness {s}"))
+    else:
+        rise, fall = is_["best"] - is_["initial"], is_["best"] - is_["final"]
+        gap = ref["final"] - clip["final"]
+        holds = rise >= degrade and fall >= degrade and gap >= margin
+        out.append(Check("b", f"at staleness {s}, unclipped IS improves then degrades; ppo_clip ends below "
+                              "on-policy", holds,
+                         f"is: start {_pct(is_['initial'])} -> best {_pct(is_['best'])} -> final "
+                         f"{_pct(is_['final'])} (rise {_pct(rise)}, fall {_pct(fall)}; {is_['collapsed']} of "
+                         f"{is_['seeds']} seed(s) fell below the start); ppo_clip final {_pct(clip['final'])} vs "
+                         f"on-policy {_pct(ref['final'])} (gap {_pct(gap)})"))
+    if m2 is None:
+        out.append(Check("c", "m2po within 3 points of on-policy", None, f"needs m2po at staleness {s}"))
+    else:
+        gap = ref["final"] - m2["final"]
+        out.append(Check("c", f"at staleness {s}, m2po ends within {100 * margin:.0f} points of on-policy",
+                         gap <= margin, f"m2po final {_pm(m2, 'final')} vs "
+                                        f"on-policy {_pct(ref['final'])} (gap {_pct(gap)})"))
+    if m2 is None or clip is None:
+        out.append(Check("d", "m2po masks <= 1/10 of what ppo_clip clips", None, "needs m2po and ppo_clip"))
+    else:
+        holds = m2["zeroed"] <= ratio * clip["zeroed"]
+        out.append(Check("d", f"at staleness {s}, m2po's masked fraction <= {ratio:g} x ppo_clip's clipped "
+                              "fraction", holds,
+                         f"m2po masked {m2['zeroed']:.3%} vs ppo_clip clipped {clip['zeroed']:.3%} "
+                         f"(ratio {m2['zeroed'] / clip['zeroed'] if clip['zeroed'] else math.inf:.3f})"))
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI flags
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", default="cpu", choices=sorted(SIZES),
+                        help="; ".join(f"{k}: staleness {v.staleness} x {len(v.objectives)} objectives x {v.seeds} "
+                                       f"seed(s) x {v.steps} updates, {v.minutes} min on 2 cores"
+                                       for k, v in SIZES.items()))
+    parser.add_argument("--out", default="reports/prosperity.md", help="the report (figures go to <stem>/)")
+    parser.add_argument("--out-dir", default="runs", help="where the sweeps' folders go")
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores // threads)")
+    parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run the cells as Ray tasks")
+    parser.add_argument("--prefix", default=None,
+                        help="sweep folders <out-dir>/<prefix>-onpolicy and -stale (default: prosperity for --size "
+                             "cpu, prosperity-<size> otherwise)")
+    parser.add_argument("--no-run", action="store_true", help="only rebuild the report from the sweeps on disk")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+
+__all__ = ["FINAL_EVALS", "ONPOLICY", "SIZES", "STATS", "Check", "Size", "add_arguments", "base_config", "check_claims", "drift_matched_staleness", "PAPER_CLIPFRAC", "resolve_size", "tiny_base",
+           "collapse_update", "load_sweeps", "run_sweeps", "runs_table", "summary_table", "sweep_base", "sweep_prefix"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m workbench report")

@@ -1,0 +1,233 @@
+"""Same-batch replay: one stale batch pushed through every objective, side by side.
+
+    table = same_batch_replay(run, staleness=8)
+
+1. **The logged stale batch.** Generate and score one batch with the run's current weights
+   theta_k (its sampler log-probs are the behaviour log-probs mu), exactly as the loop would.
+2. **Let it go stale.** Train ``staleness`` ordinary updates (``run.step()``), so the weights are
+   theta_{k+s}: the batch is now s versions old, as under the fixed-lag setting of DESIGN.md 4.
+3. **Replay.** With theta_{k+s} frozen, for every objective: one forward pass (shared), the
+   objective's loss with its paper's aggregation, the gradient with respect to every parameter,
+   its norm, and its cosine similarity to the **on-policy gradient**; plus the objective's own
+   clip / mask fractions, the share of tokens it silences (zero gradient at a token with A != 0,
+   computed with autograd, so the same definition for every objective), and ESS / M2 of the batch.
+4. **The on-policy gradient** is estimated from a large fresh sample of theta_{k+s}
+   (``onpolicy_factor`` x the batch's prompts, same group size, scored the same way): the REINFORCE
+   gradient -A grad log pi with token-mean aggregation (every objective reduces to it at ratio 1).
+   Its noise floor is reported as an extra row, ``fresh batch (REINFORCE)``: a fresh on-policy
+   batch of the stale batch's size. An objective whose cosine is near that row's recovers the
+   on-policy direction as well as fresh data of the same size would.
+
+Nothing here changes the run's weights after step 2 (gradients are taken with ``autograd.grad``,
+the optimizer is not touched), but the sampling in steps 1 and 4 draws from the run's generators.
+
+Left out: the gradient of the KL / entropy terms (policy loss only), proximal-policy recompute
+(``prox_logprobs`` is passed through when the batch has it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import polars as pl
+import torch
+
+from workbench.policy.logprobs import token_logprobs
+from workbench.steps.reweight import OBJECTIVES, policy_loss
+from workbench.steps.reweight.core import objective_needs
+from workbench.rollouts import Rollouts
+
+FRESH_ROW = "fresh batch (REINFORCE)"
+SUPPORTED_CONTEXT = ("group_id", "rewards", "step", "state", "ref_logprobs", "expert_logprobs", "expert_mask",
+                     "generator")
+
+
+def loss_context(run, batch: Rollouts, objective: str, params: dict[str, Any], temperature: float,
+                 model=None) -> dict[str, Any]:
+    """The ``policy_loss`` context the loop would pass for ``batch`` (DESIGN.md 5, reweight.context).
+
+    ``group_id`` / ``rewards`` from the batch, ``step`` = the run's version, a *copy* of the run's
+    objective ``state`` (replaying never moves a stateful objective), ``ref_logprobs`` from the
+    run's reference model or, without one, the behaviour log-probs (the batch's own sampler is the
+    reference), and CHORD's expert demonstrations (one per prompt group, ``task.expert``) scored
+    by ``model`` with gradients.
+    """
+    from workbench.policy.warm_start import sft_batch
+
+    model = run.model if model is None else model
+    needs = objective_needs(objective, params)
+    ctx: dict[str, Any] = {"group_id": batch.group_id, "rewards": batch.rewards, "step": run.version,
+                           "state": copy.deepcopy(getattr(run, "objective_state", {}))}
+    if "ref_logprobs" in needs:
+        if getattr(run, "ref_model", None) is not None:
+            with torch.no_grad():
+                ctx["ref_logprobs"], _ = token_logprobs(run.ref_model, batch, temperature=temperature)
+        else:
+            ctx["ref_logprobs"] = batch.behavior_logprobs
+    if "expert_logprobs" in needs:
+        from workbench.tasks import Example
+
+        first: dict[int, int] = {}
+        for i, g in enumerate(batch.group_id.tolist()):
+            first.setdefault(g, i)
+        examples = [Example(batch.prompts[i], batch.answers[i], dict(batch.extras[i]) if batch.extras else {})
+                    for i in first.values()]
+        expert = sft_batch(run.tokenizer, examples, run.task)
+        ctx["expert_logprobs"], _ = token_logprobs(model, expert, temperature=temperature)
+        ctx["expert_mask"] = expert.response_mask
+    return ctx
+
+
+def _params(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat(grads, params) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def onpolicy_gradient(model, batch: Rollouts, temperature: float, chunk: int = 256) -> torch.Tensor:
+    """The REINFORCE gradient (token-mean) of ``batch`` sampled from ``model`` itself, flattened."""
+    params = _params(model)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    n_tokens = float(batch.response_mask.sum())
+    for start in range(0, len(batch), chunk):
+        sub = batch.select(list(range(start, min(start + chunk, len(batch)))))
+        lp, _ = token_logprobs(model, sub, temperature=temperature)  # [b, T]
+        mask = sub.response_mask  # [b, T]
+        adv = sub.advantages if sub.advantages.dim() == 2 else sub.advantages[:, None]
+        loss = -(adv * lp * mask).sum() / max(n_tokens, 1.0)  # token-mean over the whole batch
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        total += _flat(grads, params).double()
+    return total
+
+
+def replay_objectives(run, batch: Rollouts, g_on: torch.Tensor, objectives: list[str], temperature: float,
+                      params: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Push ``batch`` through each objective with the run's current weights; one row per objective."""
+    params = params or {}
+    model = run.model
+    weights = _params(model)
+    model.train()
+    lp, _ = token_logprobs(model, batch, temperature=temperature)  # [B, T], one shared graph
+    mask = batch.response_mask  # [B, T]
+    valid = mask > 0
+    adv_t = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand_as(lp)
+    signal = valid & (adv_t != 0)  # [B, T] tokens that carry a gradient on-policy
+    rows = []
+    for name in objectives:
+        agg = OBJECTIVES.meta(name).get("default_aggregation", "token-mean")
+        kw = params.get(name, {})
+        ctx = loss_context(run, batch, name, kw, temperature)
+        leaf = lp.detach().clone().requires_grad_(True)  # [B, T] for the per-token weights
+        loss_leaf, _ = policy_loss(name, leaf, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
+                                   prox_logprobs=batch.prox_logprobs, context={**ctx, "state": dict(ctx["state"])},
+                                   **kw)
+        (g_tok,) = torch.autograd.grad(loss_leaf, leaf, allow_unused=True)
+        g_tok = torch.zeros_like(leaf) if g_tok is None else g_tok
+        loss, metrics = policy_loss(name, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
+                                    prox_logprobs=batch.prox_logprobs, context=ctx, **kw)
+        grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        g = _flat(grads, weights).double()
+        rows.append({
+            "objective": name, "aggregation": agg, "loss": float(loss.detach()), "grad_norm": float(g.norm()),
+            "cosine_to_onpolicy": _cos(g, g_on),
+            "clipfrac": float(metrics.get("offpolicy/clipfrac", 0.0)),
+            "masked_frac": float(metrics.get("offpolicy/masked_frac", 0.0)),
+            "silenced_frac": float((signal & (g_tok == 0)).sum()) / max(1, int(signal.sum())),
+            "ess_token": float(metrics.get("offpolicy/ess_token", math.nan)),
+            "ess_seq": float(metrics.get("offpolicy/ess_seq", math.nan)),
+            "m2": float(metrics.get("offpolicy/m2", math.nan)),
+        })
+    return rows
+
+
+def same_batch_replay(run, staleness: int, objectives: list[str] | None = None, *,
+                      params: dict[str, dict[str, Any]] | None = None, onpolicy_factor: int = 8,
+                      warmup: int = 0) -> pl.DataFrame:
+    """Steps 1-4 of the module doc on ``run``; returns one row per objective plus the fresh row.
+
+    ``params`` maps objective name -> parameter overrides (defaults from the registry otherwise).
+    ``warmup`` ordinary updates run first (an untrained model's batches often carry no reward
+    variance, hence no gradient at all). The frame's ``staleness`` column is the batch's actual
+    staleness (policy versions behind); ``signal_tokens`` counts its tokens with A != 0.
+    """
+    objectives = list(objectives or OBJECTIVES.names())
+    temperature = run.knobs.temperature
+    for _ in range(int(warmup)):
+        run.step()
+    stale = _fresh(run, run.config.prompts_per_step)  # 1. generated (and scored) by theta_k
+    v0 = run.version
+    for _ in range(int(staleness)):  # 2. s ordinary updates
+        run.step()
+    s = run.version - v0
+    model, cfg = run.model, run.config
+    # 4. the on-policy reference: a large fresh sample of theta_{k+s}
+    big = _fresh(run, cfg.prompts_per_step * onpolicy_factor)
+    g_on = onpolicy_gradient(model, big, temperature)
+    rows = replay_objectives(run, stale, g_on, objectives, temperature, params)  # 3.
+    fresh = _fresh(run, cfg.prompts_per_step)
+    g_fresh = onpolicy_gradient(model, fresh, temperature)
+    rows.append({"objective": FRESH_ROW, "aggregation": "token-mean", "loss": math.nan,
+                 "grad_norm": float(g_fresh.norm()), "cosine_to_onpolicy": _cos(g_fresh, g_on), "clipfrac": 0.0,
+                 "masked_frac": 0.0, "silenced_frac": 0.0, "ess_token": 1.0, "ess_seq": 1.0, "m2": 0.0})
+    df = pl.DataFrame(rows)
+    adv = stale.advantages if stale.advantages.dim() == 2 else stale.advantages[:, None]
+    signal = int(((stale.response_mask > 0) & (adv != 0)).sum())
+    return df.with_columns(pl.lit(s).alias("staleness"), pl.lit(len(stale)).alias("sequences"),
+                           pl.lit(len(big)).alias("onpolicy_sequences"), pl.lit(signal).alias("signal_tokens"))
+
+
+def _fresh(run, prompts: int) -> Rollouts:
+    """A fresh on-policy batch of ``prompts`` prompts x group_size, sampled and scored like the loop."""
+    from workbench.steps.generate import SamplingParams
+    from workbench.steps.score import score
+
+    cfg = run.config
+    examples = run.task.sample(run.prompt_rng, prompts)
+    sp = SamplingParams(temperature=run.knobs.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        max_new_tokens=cfg.max_new_tokens or run.task.max_answer_tokens)
+    run.model.eval()
+    with torch.no_grad():
+        batch = run.sampler.generate(examples, cfg.group_size, sp, generator=run.generator,
+                                     policy_version=run.version)
+    batch, _ = score(batch, list(cfg.rewards), advantage=cfg.advantage, filter_zero_variance=False)
+    return batch
+
+
+def replay_summary(table: pl.DataFrame) -> dict[str, Any]:
+    """Headline numbers of a replay table (JSON-able; NaN stays NaN)."""
+    objs = table.filter(pl.col("objective") != FRESH_ROW)
+    fresh = table.filter(pl.col("objective") == FRESH_ROW)
+    col = lambda c: dict(zip(objs["objective"].to_list(), objs[c].to_list()))  # noqa: E731
+    return {"objectives": objs["objective"].to_list(), "staleness": int(table["staleness"][0]),
+            "sequences": int(table["sequences"][0]), "onpolicy_sequences": int(table["onpolicy_sequences"][0]),
+            "signal_tokens": int(table["signal_tokens"][0]),
+            "cosine_to_onpolicy": col("cosine_to_onpolicy"), "grad_norm": col("grad_norm"), "loss": col("loss"),
+            "clipfrac": col("clipfrac"), "masked_frac": col("masked_frac"), "silenced_frac": col("silenced_frac"),
+            "ess_token": float(objs["ess_token"][0]), "ess_seq": float(objs["ess_seq"][0]), "m2": float(objs["m2"][0]),
+            "fresh_batch_cosine": float(fresh["cosine_to_onpolicy"][0]) if fresh.height else math.nan}
+
+
+def replay_chart(table: pl.DataFrame):
+    """Bar charts of the replay table (cosine, grad norm, silenced fraction, ESS) per objective."""
+    import altair as alt
+
+    rows = table.select("objective", "cosine_to_onpolicy", "grad_norm", "silenced_frac", "ess_token").to_dicts()
+    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    base = alt.Chart(alt.Data(values=rows)).encode(y=alt.Y("objective:N", sort=None, title=None))
+    panels = [base.mark_bar().encode(x=alt.X(f"{col}:Q", title=title)).properties(width=180, height=18 * len(rows))
+              for col, title in (("cosine_to_onpolicy", "cosine to on-policy gradient"), ("grad_norm", "gradient norm"),
+                                 ("silenced_frac", "silenced token fraction"), ("ess_token", "token ESS"))]
+    return alt.hconcat(*panels)
+
+
+__all__ = ["FRESH_ROW", "loss_context", "onpolicy_gradient", "replay_chart", "replay_objectives", "replay_summary",
+           "same_batch_replay"]
