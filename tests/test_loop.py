@@ -163,6 +163,20 @@ def test_bad_live_knob_is_rejected_and_changes_nothing(tokenizer, tiny_model_con
     assert run.knobs.staleness == 0 and run.knobs.pending == []
 
 
+def test_knob_reads_what_was_set_and_applied_says_what_is_in_effect(tokenizer, tiny_model_config):
+    run = make_run(tokenizer, tiny_model_config)
+    run.step()
+    run.knobs.staleness = 4
+    run.knobs.set(objective="m2po", objective_params={"tau": 0.08})
+    assert run.knobs.staleness == 4 and run.knobs.objective == "m2po" and run.knobs.objective_params["tau"] == 0.08
+    assert run.knobs.applied.staleness == 0 and run.knobs.applied.objective == "ppo_clip"
+    assert run.objective.name == "ppo_clip"  # resolved once, when the change takes effect
+    row = run.step()
+    assert run.knobs.applied.staleness == 4 and run.knobs.applied.objective == "m2po"
+    assert run.objective.name == "m2po" and run.objective.params["tau"] == 0.08
+    assert row["knob/staleness"] == 4 and row["knob/objective"] == "m2po"
+
+
 def test_rerun_with_the_same_name_keeps_the_earlier_run(tokenizer, tiny_model_config, tmp_path):
     make_run(tokenizer, tiny_model_config, tmp_path).run(2)
     make_run(tokenizer, tiny_model_config, tmp_path).run(1)

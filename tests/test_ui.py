@@ -84,7 +84,7 @@ def test_invalid_widget_value_is_refused_and_shown(tokenizer, tiny_model_config,
     panel = make_panel(tokenizer, tiny_model_config, tmp_path, config={"objective": "ppo_clip"})
     try:
         panel.widgets["objective"].value = "m2po"
-        assert panel.knobs.requested["objective"] == "m2po" and panel.knobs.objective == "ppo_clip"  # from the next update
+        assert panel.knobs.objective == "m2po" and panel.knobs.applied.objective == "ppo_clip"  # from the next update
         assert set(panel.widgets["param_widgets"]) == {"tau", "variant"}
         assert panel.widgets["param_widgets"]["variant"].disabled  # not live: fixed for a run
         panel._set_knob({"owner": panel.widgets["lr"], "old": panel.widgets["lr"].value}, lr=5.0)

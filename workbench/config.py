@@ -244,6 +244,22 @@ class RunConfig:
 LIVE_FIELDS = ("staleness", "sync_every", "max_staleness", "objective", "objective_params", "lr", "temperature")
 
 
+@dataclass(frozen=True)
+class KnobValues:
+    """The live knobs' values at one moment (``Knobs.applied``: those the current update uses)."""
+
+    staleness: int
+    sync_every: int
+    max_staleness: int
+    objective: str
+    objective_params: dict[str, Any]
+    lr: float
+    temperature: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
+
+
 class Knobs:
     """What may change while a run is live. A change applies at the next update and is recorded.
 
@@ -251,36 +267,45 @@ class Knobs:
     ``knobs.set(objective_params={"tau": 0.08})`` keeps the other parameters. Switching objective
     resets its parameters to that objective's defaults unless given in the same call.
 
-    Reading a knob (``knobs.staleness``, ``as_dict()``) gives the value *in effect*: the loop reads
-    knobs at several points of one update, and a change made from another thread (a notebook
-    widget) mid-update must not leak into it. ``set`` validates against and records into the
-    ``requested`` values; ``take_pending`` (start of the next update) makes them the values in effect.
+    Reading a knob (``knobs.staleness``, ``as_dict()``) gives what was last set: the value the next
+    update will use. ``knobs.applied`` is the ``KnobValues`` the current (or latest) update uses;
+    the loop reads only that, once per update, so a change made from another thread (a notebook
+    widget) mid-update never leaks into it. ``take_pending`` (start of the next update) makes the
+    set values the applied ones and returns what changed.
     """
 
     def __init__(self, config: RunConfig):
+        values = {k: getattr(config, k) for k in LIVE_FIELDS}
         object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "_values", {k: getattr(config, k) for k in LIVE_FIELDS})
-        object.__setattr__(self, "_requested", dict(self._values))  # what applies at the next update
+        object.__setattr__(self, "_applied", KnobValues(**values))
+        object.__setattr__(self, "_requested", values)  # what applies at the next update
         object.__setattr__(self, "pending", [])  # changes not yet applied to an update
         object.__setattr__(self, "_lock", threading.RLock())  # widgets set() while the loop take_pending()s
 
     def __getattr__(self, name: str) -> Any:
-        values = object.__getattribute__(self, "_values")
-        if name in values:
-            return values[name]
+        requested = object.__getattribute__(self, "_requested")
+        if name in requested:
+            value = requested[name]
+            return dict(value) if isinstance(value, dict) else value
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(**{name: value})
 
+    @property
+    def applied(self) -> KnobValues:
+        """The values in effect for the current (or latest) update."""
+        return self._applied
+
     def as_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._values.items()}
+        """The values set so far (those the next update will use)."""
+        with self._lock:
+            return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._requested.items()}
 
     @property
     def requested(self) -> dict[str, Any]:
-        """The values that apply at the next update (= ``as_dict()`` once nothing is pending)."""
-        with self._lock:
-            return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._requested.items()}
+        """Same as ``as_dict()``: the values that apply at the next update."""
+        return self.as_dict()
 
     def set(self, **changes: Any) -> dict[str, Any]:
         """Validate and apply ``changes``; returns what actually changed. Raises on bad input."""
@@ -325,5 +350,5 @@ class Knobs:
             for d in self.pending:
                 merged.update(d)
             self.pending.clear()
-            object.__setattr__(self, "_values", dict(self._requested))  # now in effect
+            object.__setattr__(self, "_applied", KnobValues(**self._requested))  # now in effect
         return merged

@@ -2,7 +2,8 @@
 
 Read top to bottom: ``Run.step`` is the whole algorithm. One step = one optimizer update;
 ``policy_version`` = updates applied so far. The buffer decides which (stale) batch an update
-sees (DESIGN.md section 4); ``update_step`` reweights it with the live objective and steps AdamW.
+sees (docs/design.md, "Staleness"); ``update_step`` reweights it with the live objective and steps
+AdamW.
 
     run = Run(RunConfig(objective="m2po", staleness=64))
     run.run(100)            # or run.step() in a notebook; run.knobs.staleness = 4 changes it live
@@ -19,28 +20,39 @@ from typing import Any, Callable
 import polars as pl
 import torch
 
-from workbench.steps.buffer import StalenessBuffer
-from workbench.policy.build import build_policy, build_task, frozen_copy
 from workbench.config import Knobs, RunConfig
-from workbench.steps.generate import SamplingParams, TransformersSampler, greedy_accuracy
-from workbench.policy.chat import render_examples, resolve_template
-from workbench.steps.generate import make_sampler
-from workbench.steps.reweight import mismatch
 from workbench.errors import WorkbenchError
-from workbench.steps.reweight.core import objective_needs
+from workbench.policy.build import build_policy, build_task, frozen_copy
+from workbench.policy.chat import render_examples, resolve_template
 from workbench.rollouts import Rollouts
-from workbench.tasks import Example
-from workbench.policy.warm_start import sft_batch
-from workbench.runs.rundir import RunDir, keep_previous
-from workbench.steps.score import score
-from workbench.steps.update import build_optimizer, lr_multiplier, proximal_logprobs, update_step
 from workbench.runs import checkpoint as ckpt
+from workbench.runs.rundir import RunDir, keep_previous
+from workbench.steps.buffer import StalenessBuffer
+from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
+from workbench.steps.reweight import mismatch
+from workbench.steps.reweight.core import Objective, resolve_objective
+from workbench.steps.score import score
+from workbench.steps.update import build_optimizer, expert_batch, lr_multiplier, proximal_logprobs, update_step
 
 Hook = Callable[["Run", dict[str, Any]], None]
 
 
 class Run:
-    """A live experiment: ``step()``, ``run(n)``, ``metrics``, ``knobs``, ``hooks``."""
+    """A live experiment: ``step()``, ``run(n)``, ``metrics``, ``knobs``, ``hooks``.
+
+    Public attributes (read by the notebooks, the UI and the studies; the rest is private):
+
+    - ``config`` (``RunConfig``), ``knobs`` (``Knobs``: set live, applied at the next update),
+      ``objective`` (the ``Objective`` the latest update used, resolved once per knob change)
+    - ``task``, ``model``, ``tokenizer``, ``ref_model`` (frozen initial policy, or None), ``sampler``,
+      ``optimizer``, ``buffer`` (``StalenessBuffer``), ``chat_template`` (None = raw prompts)
+    - ``version`` (updates applied), ``rows`` (one metrics dict per update; ``metrics`` as a
+      DataFrame), ``knob_events`` (applied changes), ``initial_accuracy``, ``last_batch`` (the
+      minibatch of the latest update, None before the first)
+    - ``prompt_rng`` / ``generator`` (prompt and token sampling), ``objective_state`` (per-run
+      numbers of stateful objectives), ``minibatches`` (pending minibatches of the current batch)
+    - ``dir`` (``RunDir`` or None), ``hooks`` (``hook(run, row)`` after every update), ``log``
+    """
 
     def __init__(self, config: RunConfig, *, model=None, tokenizer=None, sampler=None,
                  knob_schedule: list[dict[str, Any]] | None = None, log: Callable[[str], None] = print,
@@ -53,8 +65,9 @@ class Run:
         if model is None:
             model, tokenizer = build_policy(config, self.task, log)
         self.model, self.tokenizer = model, tokenizer
+        self.objective: Objective = resolve_objective(config.objective, config.objective_params)
         # a frozen reference when a KL penalty or the objective (e.g. tb) needs one
-        needs_ref = "ref_logprobs" in objective_needs(config.objective, config.objective_params)
+        needs_ref = "ref_logprobs" in self.objective.needs
         self.ref_model = frozen_copy(model) if (config.kl_coef or needs_ref) else None
         self.chat_template = resolve_template(tokenizer, config.chat_template)  # None = raw prompts
         # config.sampler (transformers | vllm); a failed engine start raises before the run dir is touched
@@ -71,7 +84,8 @@ class Run:
         self.minibatches: list[Rollouts] = []  # pending minibatches of the current batch
         self.rows: list[dict[str, Any]] = []
         self.knob_events: list[dict[str, Any]] = []
-        self.schedule = {int(e["update"]): e["changes"] for e in (knob_schedule or [])}
+        self.last_batch: Rollouts | None = None
+        self._schedule = {int(e["update"]): e["changes"] for e in (knob_schedule or [])}
         self.hooks: list[Hook] = []
         path = Path(config.out_dir) / (config.run_name or _run_name(config)) if config.out_dir else None
         if path is not None and not _resuming:
@@ -91,7 +105,7 @@ class Run:
         self._apply_knob_changes()
         if self.initial_accuracy is None:
             self.initial_accuracy = self.evaluate()
-        k, knobs, cfg = self.version, self.knobs, self.config
+        k, knobs, cfg = self.version, self.knobs.applied, self.config
 
         # buffer: the batch this update trains on (generate + score run inside, when due)
         buffer_stats: dict[str, float] = {}
@@ -110,15 +124,14 @@ class Run:
         # reweight + update
         for group in self.optimizer.param_groups:
             group["lr"] = knobs.lr * lr_multiplier(k, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
+        expert = expert_batch(minibatch, self.tokenizer, self.task) if "expert_logprobs" in self.objective.needs else None
         metrics = update_step(
             self.model, self.optimizer, minibatch.to(next(self.model.parameters()).device),
-            objective=knobs.objective, objective_params=knobs.objective_params,
-            aggregation=cfg.aggregation or _default_aggregation(knobs.objective),
-            temperature=knobs.temperature, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
+            objective=self.objective, aggregation=cfg.aggregation, temperature=knobs.temperature, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
             kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, ref_model=self.ref_model,
             correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
             loss_scale_factor=cfg.loss_scale_factor or None,
-            context={"step": k, "state": self.objective_state}, expert_batch=self._expert_batch(minibatch))
+            context={"step": k, "state": self.objective_state}, expert_batch=expert)
         self.version += 1
 
         # metrics row
@@ -149,30 +162,38 @@ class Run:
             hook(self, row)
         return row
 
-    def _generate_and_score(self) -> tuple[Rollouts, dict[str, float]]:
-        """generate with the current weights, then score (rewards + advantages)."""
+    def sample(self, prompts: int | None = None, *, filter_zero_variance: bool | None = None) -> tuple[Rollouts, dict[str, float]]:
+        """generate + score one fresh batch with the current weights: ``prompts`` prompts (default
+        ``config.prompts_per_step``) x ``group_size`` samples from the run's generators, rewards and
+        advantages as configured (``filter_zero_variance`` defaults to the config's). The loop's
+        batches and the studies' fresh batches come from here."""
         self._sync_sampler()
-        cfg, t0 = self.config, time.perf_counter()
-        examples = render_examples(self.tokenizer, self.task.sample(self.prompt_rng, cfg.prompts_per_step),
+        cfg, kn, t0 = self.config, self.knobs.applied, time.perf_counter()
+        examples = render_examples(self.tokenizer, self.task.sample(self.prompt_rng, prompts or cfg.prompts_per_step),
                                    self.chat_template)
-        params = SamplingParams(temperature=self.knobs.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        params = SamplingParams(temperature=kn.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_new_tokens=cfg.max_new_tokens or self.task.max_answer_tokens)
         self.model.eval()
         rollouts = self.sampler.generate(examples, cfg.group_size, params, generator=self.generator,
                                          policy_version=self.version)
         t1 = time.perf_counter()
-        rollouts, stats = score(rollouts, list(cfg.rewards), advantage=cfg.advantage,
-                                filter_zero_variance=cfg.filter_zero_variance)
-        self._timing["perf/time_generate"] += t1 - t0
-        self._timing["perf/time_score"] += time.perf_counter() - t1
+        fzv = cfg.filter_zero_variance if filter_zero_variance is None else filter_zero_variance
+        rollouts, stats = score(rollouts, list(cfg.rewards), advantage=cfg.advantage, filter_zero_variance=fzv)
+        self._timing["perf/time_generate"] = self._timing.get("perf/time_generate", 0.0) + t1 - t0
+        self._timing["perf/time_score"] = self._timing.get("perf/time_score", 0.0) + time.perf_counter() - t1
         self._timing["perf/gen_tokens"] = self._timing.get("perf/gen_tokens", 0.0) + float(rollouts.response_mask.sum())
+        return rollouts, stats
+
+    def _generate_and_score(self) -> tuple[Rollouts, dict[str, float]]:
+        """The buffer's producer: ``sample()``, plus log pi_gen when the batch is consumed later."""
+        cfg, kn = self.config, self.knobs.applied
+        rollouts, stats = self.sample()
         # log pi_gen, stored while the trainer holds the generating weights; a batch consumed at once
-        # needs no forward (the update's own log-probs are pi_gen then: workbench.steps.reweight.mismatch)
-        later = (cfg.updates_per_batch * cfg.num_minibatches > 1 or self.knobs.staleness > 0
-                 or self.knobs.sync_every > 1)
+        # needs no forward (the update's own log-probs are pi_gen then: steps/reweight/mismatch.py)
+        later = cfg.updates_per_batch * cfg.num_minibatches > 1 or kn.staleness > 0 or kn.sync_every > 1
         if cfg.measure_mismatch and later and len(rollouts):
             t2 = time.perf_counter()
-            rollouts = mismatch.attach_trainer_logprobs(self.model, rollouts, self.knobs.temperature)
+            rollouts = mismatch.attach_trainer_logprobs(self.model, rollouts, kn.temperature)
             self._timing["perf/time_trainer_logprobs"] += time.perf_counter() - t2
         return rollouts, stats
 
@@ -185,24 +206,6 @@ class Run:
             t = time.perf_counter()
             if sync(self.model, self.version):
                 self._timing["perf/time_sync"] = self._timing.get("perf/time_sync", 0.0) + time.perf_counter() - t
-
-    def _expert_batch(self, batch: Rollouts) -> Rollouts | None:
-        """What the live objective needs beyond the batch: checks a reference model exists (tb) and
-        builds expert demonstrations (CHORD: one per prompt group of ``batch``, prompt +
-        ``task.expert`` answer + EOS in the sampler's layout, ``warm_start.sft_batch``); else None."""
-        needs = objective_needs(self.knobs.objective, self.knobs.objective_params)
-        if "ref_logprobs" in needs and self.ref_model is None:
-            raise WorkbenchError(
-                f"objective={self.knobs.objective!r} needs a reference model: start the run with it or set "
-                f"kl_coef > 0 (a frozen copy of the initial policy is built then)")
-        if "expert_logprobs" not in needs:
-            return None
-        first: dict[int, int] = {}
-        for i, g in enumerate(batch.group_id.tolist()):
-            first.setdefault(g, i)
-        examples = [Example(batch.prompts[i], batch.answers[i], dict(batch.extras[i]) if batch.extras else {})
-                    for i in first.values()]
-        return sft_batch(self.tokenizer, examples, self.task)
 
     def _split(self, batch: Rollouts) -> list[Rollouts]:
         """Epochs x minibatches of whole groups, shuffled per epoch with the run's generator."""
@@ -265,9 +268,16 @@ class Run:
 
     # ---------------------------------------------------------------- knobs, checkpoints
     def _apply_knob_changes(self) -> None:
-        if self.version in self.schedule:
-            self.knobs.set(**self.schedule[self.version])
+        if self.version in self._schedule:
+            self.knobs.set(**self._schedule[self.version])
         changes = self.knobs.take_pending()
+        if "objective" in changes or "objective_params" in changes:
+            kn = self.knobs.applied
+            self.objective = resolve_objective(kn.objective, kn.objective_params)
+        if "ref_logprobs" in self.objective.needs and self.ref_model is None:
+            raise WorkbenchError(
+                f"objective={self.objective.name!r} needs a reference model: start the run with it or set "
+                f"kl_coef > 0 (a frozen copy of the initial policy is built then)")
         if changes:
             event = {"update": self.version, "changes": changes}
             self.knob_events.append(event)
@@ -275,7 +285,7 @@ class Run:
                 self.dir.append_knob_event(event)
 
     def _knob_columns(self) -> dict[str, Any]:
-        kn = self.knobs
+        kn = self.knobs.applied
         cols = {"knob/objective": kn.objective, "knob/staleness": kn.staleness, "knob/sync_every": kn.sync_every,
                 "knob/lr": self.optimizer.param_groups[0]["lr"], "knob/temperature": kn.temperature}
         cols.update({f"knob/{p}": v for p, v in kn.objective_params.items() if isinstance(v, (int, float))})
@@ -287,12 +297,12 @@ class Run:
     @classmethod
     def resume(cls, run_dir: str | Path, checkpoint: str | Path | None = None, **kw: Any) -> "Run":
         """Reopen a run directory at its latest (or a given) checkpoint; continues exactly."""
-        return ckpt.resume(cls, run_dir, checkpoint, **kw)
-
-
-def _default_aggregation(objective: str) -> str:
-    from workbench.steps.reweight import OBJECTIVES
-    return OBJECTIVES.meta(objective).get("default_aggregation", "token-mean")
+        config, files = ckpt.load(run_dir, checkpoint)
+        run = cls(config, _resuming=True, **kw)
+        ckpt.restore(run, files)
+        kn = run.knobs.applied
+        run.objective = resolve_objective(kn.objective, kn.objective_params)
+        return run
 
 
 def _run_name(config: RunConfig) -> str:

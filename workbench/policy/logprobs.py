@@ -54,4 +54,17 @@ def token_logprobs(
     return logp, entropy
 
 
-__all__ = ["token_logprobs"]
+@torch.no_grad()
+def frozen_logprobs(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+    """``token_logprobs`` with no graph and the model in eval mode (its mode restored after): the
+    log-probs of a policy that is read, not trained (a proximal policy, the generating policy, a
+    frozen reference). [B, T]"""
+    was_training = model.training
+    model.eval()
+    try:
+        return token_logprobs(model, rollouts, temperature=temperature)[0]
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["frozen_logprobs", "token_logprobs"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import torch
@@ -19,11 +19,12 @@ from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
 from workbench.runs.rundir import RunDir, load_optimizer_state, optimizer_state, read_checkpoint
 
-if TYPE_CHECKING:
-    from workbench.loop import Run
+# ``run`` below is a ``workbench.loop.Run``: this module reads and restores its public attributes
+# (``Run``'s docstring lists them) and never imports the loop, which imports this module.
 
 
-def save(run: "Run") -> Path:
+def save(run: Any) -> Path:
+    """Write a checkpoint of ``run`` after its latest update; returns the checkpoint folder."""
     if run.dir is None:
         raise WorkbenchError("out_dir='' is invalid for checkpointing: expected a run directory")
     buf_tensors, buf_meta = run.buffer.state()
@@ -35,7 +36,7 @@ def save(run: "Run") -> Path:
     opt_tensors, opt_meta = optimizer_state(run.optimizer)
     state = {
         "version": run.version,
-        "knobs": run.knobs.as_dict(),
+        "knobs": run.knobs.applied.as_dict(),
         "prompt_rng": _encode_random_state(run.prompt_rng.getstate()),
         "rows": len(run.rows),
         "knob_events": run.knob_events,
@@ -56,7 +57,8 @@ def save(run: "Run") -> Path:
     return run.dir.write_checkpoint(run.version, files)
 
 
-def resume(cls: type["Run"], run_dir: str | Path, checkpoint: str | Path | None = None, **kw: Any) -> "Run":
+def load(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config (pointing at ``run_dir``) and the files of its latest (or the given) checkpoint."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise WorkbenchError(f"run_dir={str(run_dir)!r} is invalid: expected a run folder holding config.json")
@@ -66,9 +68,13 @@ def resume(cls: type["Run"], run_dir: str | Path, checkpoint: str | Path | None 
     if path is None:
         raise WorkbenchError(f"run_dir={str(run_dir)!r} has no checkpoint: expected checkpoints/update_*")
     files = read_checkpoint(path)
+    return config.replace(out_dir=str(run_dir.parent), run_name=run_dir.name), files
+
+
+def restore(run: Any, files: dict[str, Any]) -> None:
+    """Put a freshly built ``run`` (same config, ``_resuming=True``) into the checkpoint's state."""
     state = files["state.json"]
-    config = config.replace(out_dir=str(run_dir.parent), run_name=run_dir.name)
-    run = cls(config, _resuming=True, **kw)
+    rd = run.dir
     run.model.load_state_dict(files["model.safetensors"])
     load_optimizer_state(run.optimizer, files["optimizer.safetensors"], files["optimizer.json"])
     buf = files["buffer.json"]
@@ -92,7 +98,6 @@ def resume(cls: type["Run"], run_dir: str | Path, checkpoint: str | Path | None 
             f"update {run.version}, the checkpoint expects {state['rows']}")
     # the journal keeps only what happened up to the checkpoint: later events are re-recorded live
     rd.rewrite_knob_events(run.knob_events)
-    return run
 
 
 def _objective_state(state: dict[str, Any]) -> dict[str, Any]:

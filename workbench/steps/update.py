@@ -20,12 +20,15 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.policy.logprobs import token_logprobs
-from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
-from workbench.steps.reweight import policy_loss
-from workbench.steps.reweight.core import objective_needs
-from workbench.steps.reweight.corrections import loglinear_proximal
+from workbench.policy.logprobs import frozen_logprobs, token_logprobs
+from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
+from workbench.steps.reweight.core import Objective, resolve_objective
+from workbench.steps.reweight.corrections import loglinear_proximal
+from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
+from workbench.steps.reweight.loss import policy_loss
+from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
+from workbench.tasks import Example, Task
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
@@ -48,7 +51,7 @@ def lr_multiplier(update: int, total: int, warmup: int, schedule: str) -> float:
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) on samples; [B, T] -> [B, T]."""
-    log_ratio = (ref_logprobs - logprobs).clamp(-20, 20)  # [B, T] log(pi_ref / pi_theta)
+    log_ratio = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T] log(pi_ref / pi_theta)
     if estimator == "k1":
         return -log_ratio
     if estimator == "k2":
@@ -56,7 +59,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     return torch.exp(log_ratio) - 1 - log_ratio  # k3
 
 
-@torch.no_grad()
 def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float) -> torch.Tensor:
     """log pi_prox of the sampled tokens: the trainer's current weights, no graph. [B, T]
 
@@ -64,16 +66,52 @@ def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: floa
     first update, so with reuse (epochs x minibatches) the clip acts on the later minibatches while
     the behaviour weight pi_prox / mu corrects for staleness.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        return token_logprobs(model, batch, temperature=temperature)[0]
-    finally:
-        model.train(was_training)
+    return frozen_logprobs(model, batch, temperature)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
+    """Expert demonstrations for ``batch`` (CHORD): one per prompt group, prompt + ``task.expert``
+    answer + EOS in the sampler's layout (``warm_start.sft_batch``)."""
+    first: dict[int, int] = {}
+    for i, g in enumerate(batch.group_id.tolist()):
+        first.setdefault(g, i)
+    examples = [Example(batch.prompts[i], batch.answers[i], dict(batch.extras[i]) if batch.extras else {})
+                for i in first.values()]
+    return sft_batch(tokenizer, examples, task)
+
+
+def loss_context(objective: Objective, batch: Rollouts, model: torch.nn.Module, *, temperature: float,
+                 extra: dict[str, Any] | None = None, ref_model: torch.nn.Module | None = None,
+                 ref_logprobs: torch.Tensor | None = None, expert: Rollouts | None = None,
+                 with_ref: bool = False) -> dict[str, Any]:
+    """The ``policy_loss`` context for ``batch`` (``reweight.context.CONTEXT_KEYS``), built one way
+    for the loop, the replay study and the per-token view.
+
+    Always ``group_id`` and ``rewards`` from the batch, then ``extra`` (the loop's ``step`` and
+    ``state``). ``ref_logprobs``, when the objective needs them or ``with_ref`` (a KL penalty): given,
+    or one no-grad forward of ``ref_model``; missing both raises. ``expert`` (``expert_batch``) is
+    scored by ``model`` with gradients as ``expert_logprobs`` / ``expert_mask`` when the objective
+    needs them (CHORD's SFT term).
+    """
+    ctx: dict[str, Any] = {"group_id": batch.group_id, "rewards": batch.rewards, **(extra or {})}
+    if with_ref or "ref_logprobs" in objective.needs:
+        if ref_logprobs is None:
+            if ref_model is None:
+                raise WorkbenchError(
+                    f"objective={objective.name!r} needs a reference model: start the run with it or set "
+                    f"kl_coef > 0 (a frozen copy of the initial policy is built then)")
+            ref_logprobs = frozen_logprobs(ref_model, batch, temperature)  # [B, T]
+        ctx["ref_logprobs"] = ref_logprobs
+    if "expert_logprobs" in objective.needs:
+        if expert is None:
+            raise WorkbenchError(f"objective={objective.name!r} needs expert demonstrations: pass expert=expert_batch(...)")
+        ctx["expert_logprobs"], _ = token_logprobs(model, expert, temperature=temperature)  # [Be, Te]
+        ctx["expert_mask"] = expert.response_mask
+    return ctx
 
 
 def update_step(
@@ -81,9 +119,9 @@ def update_step(
     optimizer: torch.optim.Optimizer,
     batch: Rollouts,
     *,
-    objective: str,
-    objective_params: dict[str, Any],
-    aggregation: str,
+    objective: str | Objective,
+    objective_params: dict[str, Any] | None = None,
+    aggregation: str = "",
     temperature: float,
     grad_clip: float,
     kl_coef: float = 0.0,
@@ -110,12 +148,17 @@ def update_step(
     version at the start of this update; ``reweight.corrections.loglinear_proximal``).
     ``loss_scale_factor`` is the fixed normaliser of seq-mean-token-sum-norm (None = mask width).
 
-    ``context`` (e.g. ``{"step": k, "state": run.objective_state}``) is passed to ``policy_loss``
-    with ``group_id`` and ``rewards`` from the batch added; ``ref_logprobs`` are added when
-    ``ref_model`` is given and the objective needs them (computed once, shared with the KL penalty);
-    ``expert_batch`` (CHORD: prompts + expert answers + EOS) is scored by ``model`` in the same graph
-    and passed as ``expert_logprobs`` / ``expert_mask``.
+    ``objective`` is an ``Objective`` (``reweight.resolve_objective``; the loop resolves it once per
+    knob change) or a registry name with ``objective_params``. ``aggregation`` empty = the
+    objective's default. The loss context is ``loss_context``: ``context`` (e.g. ``{"step": k,
+    "state": run.objective_state}``) plus the batch's ``group_id`` / ``rewards``, ``ref_logprobs``
+    from ``ref_model`` when the objective or the KL penalty needs them (one forward, shared), and
+    ``expert_batch`` (CHORD: prompts + expert answers + EOS) scored by ``model`` in the same graph.
     """
+    obj = objective if isinstance(objective, Objective) else resolve_objective(objective, objective_params)
+    if isinstance(objective, Objective) and objective_params:
+        raise WorkbenchError(f"update_step: objective {obj.name!r} is resolved with its parameters; "
+                             f"got objective_params {sorted(objective_params)}")
     t0 = time.perf_counter()
     model.train()
     mask = batch.response_mask  # [B, T]
@@ -132,20 +175,14 @@ def update_step(
         extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
     elif proximal not in ("none", "recompute"):
         raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
-    ctx: dict[str, Any] = {"group_id": batch.group_id, "rewards": batch.rewards, **(context or {})}
-    ref_lp = None
-    if ref_model is not None and (kl_coef or "ref_logprobs" in objective_needs(objective, objective_params)):
-        with torch.no_grad():
-            ref_lp, _ = token_logprobs(ref_model, batch, temperature=temperature)  # [B, T]
-        ctx["ref_logprobs"] = ref_lp
-    if expert_batch is not None:
-        ctx["expert_logprobs"], _ = token_logprobs(model, expert_batch, temperature=temperature)  # [Be, Te]
-        ctx["expert_mask"] = expert_batch.response_mask
+    ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
+                       expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+    ref_lp = ctx.get("ref_logprobs")  # [B, T] or None
     t1 = time.perf_counter()
     loss, metrics = policy_loss(
-        objective, logprobs, batch.behavior_logprobs, batch.advantages, mask,
-        aggregation=aggregation, loss_scale_factor=loss_scale_factor, prox_logprobs=prox, correction=correction,
-        context=ctx, **objective_params,
+        obj, logprobs, batch.behavior_logprobs, batch.advantages, mask,
+        aggregation=obj.aggregation(aggregation), loss_scale_factor=loss_scale_factor, prox_logprobs=prox,
+        correction=correction, context=ctx,
     )
     metrics.update(extra)
     metrics.update(mismatch_metrics(logprobs, batch, policy_version))  # drift / engine split (mismatch.py)

@@ -35,49 +35,29 @@ import polars as pl
 import torch
 
 from workbench.policy.logprobs import token_logprobs
-from workbench.steps.reweight import OBJECTIVES, policy_loss
-from workbench.steps.reweight.core import objective_needs
 from workbench.rollouts import Rollouts
+from workbench.steps.reweight.core import OBJECTIVES, Objective, resolve_objective
+from workbench.steps.reweight.loss import logprob_gradient, policy_loss
+from workbench.steps.update import expert_batch, loss_context
 
 FRESH_ROW = "fresh batch (REINFORCE)"
 SUPPORTED_CONTEXT = ("group_id", "rewards", "step", "state", "ref_logprobs", "expert_logprobs", "expert_mask",
                      "generator")
 
 
-def loss_context(run, batch: Rollouts, objective: str, params: dict[str, Any], temperature: float,
-                 model=None) -> dict[str, Any]:
-    """The ``policy_loss`` context the loop would pass for ``batch`` (DESIGN.md 5, reweight.context).
-
-    ``group_id`` / ``rewards`` from the batch, ``step`` = the run's version, a *copy* of the run's
-    objective ``state`` (replaying never moves a stateful objective), ``ref_logprobs`` from the
-    run's reference model or, without one, the behaviour log-probs (the batch's own sampler is the
-    reference), and CHORD's expert demonstrations (one per prompt group, ``task.expert``) scored
-    by ``model`` with gradients.
+def replay_context(run, batch: Rollouts, objective: Objective, model=None) -> dict[str, Any]:
+    """The ``policy_loss`` context the loop would pass for ``batch`` (``steps.update.loss_context``),
+    except that a replay never moves the run: ``state`` is a *copy* of the run's objective state, and
+    without a reference model the behaviour log-probs stand in as the reference (the batch's own
+    sampler). CHORD's expert demonstrations are scored by ``model`` (default the run's) with gradients.
     """
-    from workbench.policy.warm_start import sft_batch
-
     model = run.model if model is None else model
-    needs = objective_needs(objective, params)
-    ctx: dict[str, Any] = {"group_id": batch.group_id, "rewards": batch.rewards, "step": run.version,
-                           "state": copy.deepcopy(getattr(run, "objective_state", {}))}
-    if "ref_logprobs" in needs:
-        if getattr(run, "ref_model", None) is not None:
-            with torch.no_grad():
-                ctx["ref_logprobs"], _ = token_logprobs(run.ref_model, batch, temperature=temperature)
-        else:
-            ctx["ref_logprobs"] = batch.behavior_logprobs
-    if "expert_logprobs" in needs:
-        from workbench.tasks import Example
-
-        first: dict[int, int] = {}
-        for i, g in enumerate(batch.group_id.tolist()):
-            first.setdefault(g, i)
-        examples = [Example(batch.prompts[i], batch.answers[i], dict(batch.extras[i]) if batch.extras else {})
-                    for i in first.values()]
-        expert = sft_batch(run.tokenizer, examples, run.task)
-        ctx["expert_logprobs"], _ = token_logprobs(model, expert, temperature=temperature)
-        ctx["expert_mask"] = expert.response_mask
-    return ctx
+    needs = objective.needs
+    ref_lp = batch.behavior_logprobs if ("ref_logprobs" in needs and run.ref_model is None) else None
+    expert = expert_batch(batch, run.tokenizer, run.task) if "expert_logprobs" in needs else None
+    return loss_context(objective, batch, model, temperature=run.knobs.applied.temperature,
+                        extra={"step": run.version, "state": copy.deepcopy(run.objective_state)},
+                        ref_model=run.ref_model, ref_logprobs=ref_lp, expert=expert)
 
 
 def _params(model) -> list[torch.nn.Parameter]:
@@ -123,17 +103,14 @@ def replay_objectives(run, batch: Rollouts, g_on: torch.Tensor, objectives: list
     signal = valid & (adv_t != 0)  # [B, T] tokens that carry a gradient on-policy
     rows = []
     for name in objectives:
-        agg = OBJECTIVES.meta(name).get("default_aggregation", "token-mean")
-        kw = params.get(name, {})
-        ctx = loss_context(run, batch, name, kw, temperature)
-        leaf = lp.detach().clone().requires_grad_(True)  # [B, T] for the per-token weights
-        loss_leaf, _ = policy_loss(name, leaf, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
-                                   prox_logprobs=batch.prox_logprobs, context={**ctx, "state": dict(ctx["state"])},
-                                   **kw)
-        (g_tok,) = torch.autograd.grad(loss_leaf, leaf, allow_unused=True)
-        g_tok = torch.zeros_like(leaf) if g_tok is None else g_tok
-        loss, metrics = policy_loss(name, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
-                                    prox_logprobs=batch.prox_logprobs, context=ctx, **kw)
+        obj = resolve_objective(name, params.get(name, {}))
+        agg = obj.default_aggregation
+        ctx = replay_context(run, batch, obj)
+        g_tok = logprob_gradient(obj, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
+                                 prox_logprobs=batch.prox_logprobs,
+                                 context={**ctx, "state": dict(ctx["state"])})  # [B, T] dL/dlogp
+        loss, metrics = policy_loss(obj, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=agg,
+                                    prox_logprobs=batch.prox_logprobs, context=ctx)
         grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
         g = _flat(grads, weights).double()
         rows.append({
@@ -160,7 +137,7 @@ def same_batch_replay(run, staleness: int, objectives: list[str] | None = None, 
     staleness (policy versions behind); ``signal_tokens`` counts its tokens with A != 0.
     """
     objectives = list(objectives or OBJECTIVES.names())
-    temperature = run.knobs.temperature
+    temperature = run.knobs.applied.temperature
     for _ in range(int(warmup)):
         run.step()
     stale = _fresh(run, run.config.prompts_per_step)  # 1. generated (and scored) by theta_k
@@ -186,19 +163,10 @@ def same_batch_replay(run, staleness: int, objectives: list[str] | None = None, 
 
 
 def _fresh(run, prompts: int) -> Rollouts:
-    """A fresh on-policy batch of ``prompts`` prompts x group_size, sampled and scored like the loop."""
-    from workbench.steps.generate import SamplingParams
-    from workbench.steps.score import score
-
-    cfg = run.config
-    examples = run.task.sample(run.prompt_rng, prompts)
-    sp = SamplingParams(temperature=run.knobs.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        max_new_tokens=cfg.max_new_tokens or run.task.max_answer_tokens)
-    run.model.eval()
+    """A fresh on-policy batch of ``prompts`` prompts x group_size, sampled and scored like the loop
+    (``Run.sample``), with every group kept."""
     with torch.no_grad():
-        batch = run.sampler.generate(examples, cfg.group_size, sp, generator=run.generator,
-                                     policy_version=run.version)
-    batch, _ = score(batch, list(cfg.rewards), advantage=cfg.advantage, filter_zero_variance=False)
+        batch, _ = run.sample(prompts, filter_zero_variance=False)
     return batch
 
 
@@ -229,5 +197,5 @@ def replay_chart(table: pl.DataFrame):
     return alt.hconcat(*panels)
 
 
-__all__ = ["FRESH_ROW", "loss_context", "onpolicy_gradient", "replay_chart", "replay_objectives", "replay_summary",
+__all__ = ["FRESH_ROW", "replay_context", "onpolicy_gradient", "replay_chart", "replay_objectives", "replay_summary",
            "same_batch_replay"]

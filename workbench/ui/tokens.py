@@ -25,40 +25,37 @@ from typing import Any
 
 import torch
 
-from workbench.policy.logprobs import token_logprobs
-from workbench.steps.reweight import OBJECTIVES, policy_loss
+from workbench.policy.logprobs import frozen_logprobs
+from workbench.steps.reweight.core import resolve_objective
+from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
+from workbench.steps.reweight.loss import logprob_gradient
+from workbench.studies.replay import replay_context
 
 
 def token_weights(run, batch, objective: str, objective_params: dict[str, Any], temperature: float = 1.0,
                   aggregation: str | None = None, n: int = 6) -> dict[str, Any]:
     """r, w and A for the first ``n`` sequences of ``batch`` under ``objective`` (see module doc).
 
-    ``run`` supplies the weights and the loss context (``workbench.studies.replay.loss_context``).
+    ``run`` supplies the weights and the loss context (``workbench.studies.replay.replay_context``).
     """
-    from workbench.studies.replay import loss_context
-
     model = run.model
     sub = batch.select(list(range(min(n, len(batch)))))
-    with torch.no_grad():
-        lp, _ = token_logprobs(model, sub, temperature=temperature)  # [n, T]
+    lp = frozen_logprobs(model, sub, temperature)  # [n, T]
     mask = sub.response_mask  # [n, T]
-    aggregation = aggregation or OBJECTIVES.meta(objective).get("default_aggregation", "token-mean")
+    obj = resolve_objective(objective, objective_params)
+    aggregation = aggregation or obj.default_aggregation
     adv = sub.advantages if sub.advantages is not None else torch.zeros(len(sub))
 
-    def grad_of(name: str, params: dict[str, Any]) -> torch.Tensor:
-        leaf = lp.detach().clone().requires_grad_(True)  # [n, T]
-        ctx = loss_context(run, sub, name, params, temperature)
-        loss, _ = policy_loss(name, leaf, sub.behavior_logprobs, adv, mask, aggregation=aggregation,
-                              prox_logprobs=sub.prox_logprobs, context=ctx, **params)
-        (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-        return torch.zeros_like(leaf) if g is None else g.detach()
+    def grad_of(o) -> torch.Tensor:
+        return logprob_gradient(o, lp, sub.behavior_logprobs, adv, mask, aggregation=aggregation,
+                                prox_logprobs=sub.prox_logprobs, context=replay_context(run, sub, o))  # [n, T]
 
-    g = grad_of(objective, objective_params)  # [n, T]
-    g_ref = grad_of("reinforce", {})  # [n, T] = -A * (aggregation coefficient)
+    g = grad_of(obj)  # [n, T]
+    g_ref = grad_of(resolve_objective("reinforce"))  # [n, T] = -A * (aggregation coefficient)
     valid = mask > 0
     weight = torch.where(valid & (g_ref != 0), g / torch.where(g_ref != 0, g_ref, torch.ones_like(g_ref)),
                          torch.zeros_like(g))  # [n, T]
-    ratio = torch.where(valid, (lp - sub.behavior_logprobs).clamp(-20, 20).exp(), torch.ones_like(lp))  # [n, T]
+    ratio = torch.where(valid, (lp - sub.behavior_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp(), torch.ones_like(lp))  # [n, T]
     adv_t = adv if adv.dim() == 2 else adv[:, None].expand_as(lp)  # [n, T]
     silenced = valid & (adv_t != 0) & (g == 0)  # [n, T]
     return {"ratio": ratio, "weight": weight, "advantage": adv_t, "mask": valid, "silenced": silenced,

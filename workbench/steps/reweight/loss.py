@@ -104,4 +104,17 @@ def policy_loss(
         return loss, to_floats(metrics)
 
 
-__all__ = ["policy_loss"]
+def logprob_gradient(objective: str | Objective, logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, response_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """dL/dlogp of ``policy_loss`` at every token, by autograd, with no graph into ``logprobs``.
+
+    The same definition for every objective (the replay study's silenced tokens and the per-token
+    view's weights): 0 where a token gets no gradient. ``kwargs`` as for ``policy_loss``. [B, T]
+    """
+    leaf = logprobs.detach().clone().requires_grad_(True)  # [B, T]
+    loss, _ = policy_loss(objective, leaf, behavior_logprobs, advantages, response_mask, **kwargs)
+    (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if grad is None else grad.detach()  # [B, T]
+
+
+__all__ = ["logprob_gradient", "policy_loss"]

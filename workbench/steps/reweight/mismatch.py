@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.policy.logprobs import token_logprobs
+from workbench.policy.logprobs import frozen_logprobs
 from workbench.rollouts import Rollouts
 
 COMPONENTS = ("total", "drift", "engine")
@@ -58,13 +58,7 @@ def attach_trainer_logprobs(model, rollouts: Rollouts, temperature: float) -> Ro
     """``rollouts`` with ``trainer_logprobs`` = the model's log-probs of the sampled tokens (no grad,
     fp32, CPU, zeros at padding), at the sampling ``temperature``. Call it while ``model`` holds the
     weights that generated the batch."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            lp, _ = token_logprobs(model, rollouts, temperature=temperature)  # [B, T]
-    finally:
-        model.train(was_training)
+    lp = frozen_logprobs(model, rollouts, temperature)  # [B, T]
     return rollouts.with_(trainer_logprobs=lp.float().cpu())
 
 
