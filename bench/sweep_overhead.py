@@ -2,7 +2,7 @@
 
     python bench/sweep_overhead.py [--runs 4] [--threads-per-run 1] [--steps 150] [--repeats 1]
 
-Target (issue 6): wall time of the pool sweep <= 1.1 x (N / parallel slots) x one run, where one run
+Target: wall time of the pool sweep <= 1.1 x (N / parallel slots) x one run, where one run
 is the same config run here, in this process, with the same thread count (imports already paid, model
 loaded from the warm-start cache). The N cells are identical computations: they differ only in
 ``checkpoint_every`` values larger than the run length (a grid needs distinct cells), and all use

@@ -9,7 +9,7 @@ import pytest
 
 import workbench  # noqa: F401  (process defaults before torch loads)
 from workbench.steps.generate import TransformersSampler
-from workbench.policy.model import ModelConfig, build_model
+from workbench.policy.model import TINY_MODEL, ModelConfig, build_model
 from workbench.tasks import make_task
 from workbench.policy.tokenizer import build_char_tokenizer
 
@@ -23,8 +23,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_model_config():
     """A ~35 k-parameter Llama-style config: hidden 32, 2 layers, 4 heads."""
-    return ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=128, max_position_embeddings=64)
+    return ModelConfig(**TINY_MODEL)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ context and a generic context for any batch, the building blocks of the hand der
 coefficients, token cases, clip, sigmoid, PPO's per-token loss, sequence log-ratios, CHORD's mu
 schedule), and the runners: an objective on the example, the one-line error check, the random batch of
 the gradient tests and on-policy gradients next to REINFORCE's. Expected numbers are derived in plain
-Python (``math``) from the formulas in objectives.md and the objectives' docstrings, never by calling the
+Python (``math``) from the formulas in the objectives' docstrings (and their papers), never by calling the
 implementation; only the runners call it.
 """
 
@@ -83,7 +83,7 @@ def make_context(name, logprobs, behavior_logprobs, advantages, response_mask, p
 
 
 def coeff(mode, factor=None):
-    """Coefficient of each valid token's loss in the aggregate (objectives.md 2.16)."""
+    """Coefficient of each valid token's loss in the aggregate (docs/design.md, "Aggregation")."""
     n_rows = len(ROWS)
     if mode == "token-mean":
         return {k: 1.0 / N for k in VALID}

@@ -10,7 +10,6 @@ Run with ``bash scripts/test_browser.sh`` (installs chromium and playwright if m
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ import polars as pl
 import pytest
 
 from workbench.notebook import find_notebook, notebooks_dir
+from workbench.runs.metrics import read_metrics
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -145,7 +145,7 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
 
             # the panel renders, and training starts in the background
             page.wait_for_selector(".workbench-panel", timeout=180_000)
-            _wait_for(lambda: (run_dir / "metrics.parquet").exists(), 180, "the first update")
+            _wait_for(lambda: run_dir.is_dir() and read_metrics(run_dir).height > 0, 180, "the first update")
             status = page.locator(".workbench-panel code").first
             _wait_for(lambda: "running" in status.inner_text(), 60, "status 'running'")
 
@@ -171,8 +171,8 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
             assert ev2["update"] > ev["update"]
 
             # the loop used them: the knob columns of the metrics from those updates on
-            def applied():  # read the bytes once: the loop replaces the file (rename) after every update
-                df = pl.read_parquet(io.BytesIO((run_dir / "metrics.parquet").read_bytes()))
+            def applied():  # a consistent prefix of the live run's rows
+                df = read_metrics(run_dir)
                 return [df] if df.height > ev2["update"] + 1 else None
             df = _wait_for(applied, 120, "updates after the changes")[0]
             after = df.filter(pl.col("update") >= ev["update"])

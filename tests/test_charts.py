@@ -28,21 +28,30 @@ def metrics() -> pl.DataFrame:
         "offpolicy/clipfrac": [0.01 * math.sin(i) ** 2 for i in range(N)],
         "offpolicy/masked_frac": pl.Series([None] * N, dtype=pl.Float64),  # all null: skipped
         "offpolicy/m2": [0.001 * i for i in range(N)],
-        "perf/entropy": [2.0 - 0.02 * i if i != 12 else None for i in range(N)],
+        "loss/entropy": [2.0 - 0.02 * i if i != 12 else None for i in range(N)],
         "loss/policy": [0.1] * N,  # not in any panel
     })
 
 
 def _panels(chart) -> dict[str, list[dict]]:
-    """panel title -> its inline data rows, from the chart's Vega-Lite spec.
+    """panel title -> its long-form rows {step, series, value, sparse}, read off the chart's spec.
 
-    Altair hoists data shared by every sub-chart up a level, so look in layer, panel, then top.
+    Every panel folds its columns out of the one wide ``metrics`` dataset; a row whose value is
+    null is a gap, except for sparse (``eval/``) series, whose null rows are filtered out.
     """
     spec = chart.to_dict()
+    table = spec["datasets"]["metrics"]
     out = {}
     for panel in spec["concat"]:
-        data = panel["layer"][0].get("data") or panel.get("data") or spec["data"]
-        out[panel["title"]] = data["values"]
+        cols = panel["layer"][0]["transform"][0]["fold"]
+        rows = []
+        for col in cols:
+            sparse = col.startswith("eval/")
+            for r in table:
+                if sparse and r[col] is None:
+                    continue
+                rows.append({"step": float(r["update"]), "series": col, "value": r[col], "sparse": sparse})
+        out[panel["title"]] = rows
     return out
 
 

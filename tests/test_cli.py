@@ -59,3 +59,14 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_run_on_the_default_config_prints_the_on_policy_note_and_no_warning(capsys):
+    assert main(["run", "--model", "/nonexistent/ckpt", "--out-dir", ""]) == 2  # fails after linting
+    err = capsys.readouterr().err
+    assert err.index("on-policy run (staleness 0): the ratio is 1, so ppo_clip trains as REINFORCE") < \
+        err.index("error:")
+    assert "warning" not in err.lower()
+    assert main(["run", "--model", "/nonexistent/ckpt", "--out-dir", "", "--objective", "cispo"]) == 2
+    err = capsys.readouterr().err
+    assert "lint warning [clip_inert]" in err and "on-policy run" not in err

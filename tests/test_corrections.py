@@ -1,8 +1,8 @@
 """Corrections (workbench.steps.reweight.corrections) against hand-computed values, in bypass and decoupled
 mode, the log-linear proximal approximation, numerical safety, config validation and the loop.
 
-Expected numbers are derived in plain Python (``math``) from the formulas in objectives.md 2.10 /
-2.11, never by calling the implementation.
+Expected numbers are derived in plain Python (``math``) from the formulas in the docstring of
+workbench/steps/reweight/corrections.py, never by calling the implementation.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def k3(d):
 
 
 def expected_weights(preset):
-    """(w, keep) per valid token for a preset, from its definition (objectives.md 2.11)."""
+    """(w, keep) per valid token for a preset, from its definition (``corrections.PRESETS``)."""
     p = PRESETS[preset]
     w, keep = {}, {}
     for (i, t) in VALID:

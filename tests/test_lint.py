@@ -6,7 +6,7 @@ import pytest
 
 from workbench.cli import main
 from workbench.config import RunConfig
-from workbench.lint import CODES, LintWarning, Warning, lint
+from workbench.lint import CODES, LintWarning, Warning, is_on_policy_reference, lint, notes
 from workbench.steps.reweight import OBJECTIVES
 
 # A config that is off-policy (staleness 2), corrected and aggregated with a fixed scale: no warning.
@@ -29,7 +29,7 @@ def test_clean_configs_have_no_warnings():
 
 
 def test_warnings_are_one_line_dataclasses_with_known_codes():
-    ws = lint(RunConfig())
+    ws = lint(RunConfig(objective="cispo"))
     assert ws and all(isinstance(w, LintWarning) and w.code in CODES and "\n" not in w.message for w in ws)
     assert Warning is LintWarning
     assert str(ws[0]).startswith(f"[{ws[0].code}] {ws[0].field}: ")
@@ -37,9 +37,28 @@ def test_warnings_are_one_line_dataclasses_with_known_codes():
 
 # ---- clip_inert ------------------------------------------------------------------------------------
 
-def test_clip_inert_on_policy_default():
-    assert codes() == ["clip_inert"]  # the default config: staleness 0, sync 1, one update per batch
-    assert "clip_inert" in codes(objective="cispo")
+ON_POLICY_NOTE = ("on-policy run (staleness 0): the ratio is 1, so ppo_clip trains as REINFORCE; try --staleness 16 "
+                  "to see clipping act")
+
+
+def test_the_on_policy_default_gets_a_note_not_a_warning():
+    # the default config is the on-policy reference run: staleness 0, sync 1, one update per batch
+    assert codes() == [] and is_on_policy_reference(RunConfig())
+    assert notes(RunConfig()) == [ON_POLICY_NOTE]
+    assert notes(RunConfig(objective="ppo_clip", objective_params={"clip_low": 0.2})) == [ON_POLICY_NOTE]  # = default
+    assert notes(RunConfig(lr=1e-4, steps=10, seed=3)) == [ON_POLICY_NOTE]  # fields the clip does not depend on
+
+
+@pytest.mark.parametrize("chosen", [dict(objective="cispo"), dict(objective_params={"clip_high": 0.28}),
+                                    dict(correction="geo_rs"), dict(correction="token_mis",
+                                                                    correction_params={"cap": 3.0})])
+def test_clip_inert_when_the_user_chose_what_the_clip_needs_on_policy(chosen):
+    assert "clip_inert" in codes(**chosen)
+    assert notes(RunConfig(**chosen)) == [] and not is_on_policy_reference(RunConfig(**chosen))
+
+
+def test_no_on_policy_note_once_anything_is_off_policy():
+    assert notes(RunConfig(staleness=16)) == [] and notes(RunConfig(sync_every=2)) == []
 
 
 @pytest.mark.parametrize("source", [dict(staleness=1), dict(sync_every=2), dict(updates_per_batch=2),
@@ -162,6 +181,10 @@ def test_cli_lint_prints_warnings_and_strict_exits_1(capsys):
     assert "[double_correction] correction:" in out
     assert main(["lint", "--staleness", "2", "--strict"]) == 0
     assert "no lint warnings" in capsys.readouterr().out
-    assert main(["lint", "--strict"]) == 1
+    assert main(["lint", "--strict"]) == 0  # the default: a note, no warning
+    out = capsys.readouterr().out
+    assert out.splitlines() == [ON_POLICY_NOTE, "no lint warnings"]
+    assert main(["lint", "--objective", "cispo", "--strict"]) == 1
+    assert "lint warning [clip_inert] staleness:" in capsys.readouterr().out
     assert main(["lint", "--correction", "nope"]) == 2
     assert "unknown correction preset 'nope'" in capsys.readouterr().err

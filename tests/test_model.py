@@ -11,7 +11,8 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.policy.model import ModelConfig, build_model, count_parameters, load_policy, save_policy
 from workbench.tasks import make_task
-from workbench.policy.warm_start import SFTConfig, cache_root, sft_batch, warm_start
+from workbench.cache import cache_root
+from workbench.policy.warm_start import SFTConfig, sft_batch, warm_start
 import workbench.policy.warm_start as ws
 
 

@@ -50,6 +50,6 @@ def test_help_shows_each_objective_parameter_with_its_range(capsys):
 
 
 def test_run_prints_lint_warnings_before_starting(capsys):
-    assert main(["run", "--model", "/nonexistent/ckpt", "--out-dir", ""]) == 2  # fails after linting
+    assert main(["run", "--model", "/nonexistent/ckpt", "--objective", "cispo", "--out-dir", ""]) == 2  # fails after linting
     err = capsys.readouterr().err
     assert err.index("lint warning [clip_inert]") < err.index("error:")

@@ -32,7 +32,7 @@ from reweight_helpers import (
 )
 
 FAMILIES = (ppo_family, is_weighted, sequence_level, m2po, adaptive, smooth, rec, covariance, trajectory, chord)
-SEED_FAMILIES = (adaptive, smooth, rec, covariance, trajectory, chord)  # the seed methods of issue 3
+SEED_FAMILIES = (adaptive, smooth, rec, covariance, trajectory, chord)  # the families beyond the classic objectives
 
 
 def _merged(table):

@@ -19,7 +19,8 @@ from workbench.loop import Run
 from workbench.policy.model import build_model
 from workbench.notebook import TINY_REWARDS, ensure_kernel, find_notebook, load_params_file
 from workbench.steps.reweight import OBJECTIVES
-from workbench.ui import ControlPanel, Throttle, has_frontend, live_spec, token_weights
+from workbench.charts import chart_spec
+from workbench.ui import ControlPanel, Throttle, has_frontend, token_weights
 
 from ui_helpers import scripted_session, wait_until
 
@@ -153,14 +154,14 @@ def test_live_spec_draws_panels_and_knob_rules():
                        "eval/accuracy": [None, 0.3, None, 0.5], "offpolicy/clipfrac": [0.0, 0.1, 0.2, 0.3],
                        "knob/staleness": [0, 0, 8, 8], "offpolicy/m2": [None, None, None, None]})
     ev = [{"update": 2, "changes": {"staleness": 8, "objective_params": {"tau": 0.08}}}]
-    spec = live_spec(df, ev, title="t")
+    spec = chart_spec(df, ev, title="t")
     titles = [p["title"] for p in spec["concat"]]
     assert titles[0].startswith("accuracy") and not any(t.startswith("M2") for t in titles)  # all-null skipped
     assert spec["datasets"]["knobs"] == [{"update": 2, "label": "staleness=8 tau=0.08", "y": 2}]
     assert all(any(layer["mark"]["type"] == "rule" for layer in p["layer"]) for p in spec["concat"])
     text = json.dumps(spec, allow_nan=False)  # no NaN in the JSON sent to the browser
     assert '"reward/accuracy": null' in text
-    empty = live_spec(pl.DataFrame())
+    empty = chart_spec(pl.DataFrame())
     assert "no updates yet" in json.dumps(empty)
 
 

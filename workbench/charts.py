@@ -1,23 +1,27 @@
-"""Run charts: a grid of small line charts of the per-update metrics, saved as PNG or offline HTML.
+"""The charts of a run: one grid of small line panels of the per-update metrics, with knob changes
+drawn as dashed vertical rules, for the CLI's ``charts.png``, the notebooks' live widget and reports.
 
-``run_chart(metrics)`` draws one small panel per entry of ``PANELS`` (title, metric columns) against
-the step column ``update``, skipping columns that are missing, non-numeric or all-null. Nulls,
-NaN and inf are gaps, not errors. Columns logged only every N updates (``eval/`` by default, see
-``SPARSE_PREFIXES``) are drawn as points joined over their non-null rows; the others are lines
-that break at missing values. Rendering is fully offline through vl-convert (Vega-Lite compiled and
-rendered in an embedded JavaScript engine; HTML exports inline the JavaScript bundle, no CDN).
-The metric definitions (M2 = mean (log r)^2 of M2PO arXiv:2510.01161, ESS, clip fractions) live in
-objectives.md section 5; this module only draws what the loop logged.
+``chart_spec(metrics, knob_events)`` builds the Vega-Lite spec as a plain dict (Altair's schema
+validation of a few thousand data rows took seconds, too slow for a live refresh); ``run_chart``
+wraps it as an Altair chart for display; ``save_png`` / ``save_html`` render a chart or a spec
+fully offline through vl-convert (Vega-Lite compiled and rendered in an embedded JavaScript
+engine; HTML exports inline the JavaScript bundle, no CDN).
 
-Left out: interactive selections / live updating (the notebook widgets redraw the chart), per-
-staleness breakdowns, histograms of importance ratios, and smoothing (raw values are drawn).
+Every panel folds one wide table (update + the panels' columns, rounded to 5 significant digits)
+that the spec holds once, so a refresh sends each number once. A panel is drawn only for columns
+that are present, numeric and hold at least one finite value; null, NaN and inf are gaps.
+Columns logged only every N updates (``eval/``, ``SPARSE_PREFIXES``) are points joined over their
+non-null rows. Knob changes (``knob_events.jsonl``) are rules at the update they took effect at,
+labelled on the first panel. The metric definitions are in docs/design.md, "Diagnostics".
+
+Left out: zoom/brush selections, smoothing (raw values are drawn), histograms of ratios.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import altair as alt
 import polars as pl
@@ -30,105 +34,152 @@ PANELS: list[tuple[str, list[str]]] = [
     ("accuracy (held-out, train)", ["eval/accuracy", "reward/accuracy"]),
     ("reward", ["reward/mean"]),
     ("clip / masked fraction", ["offpolicy/clipfrac", "offpolicy/masked_frac"]),
+    ("ratio quantiles, A > 0", ["offpolicy/ratio_pos_q05", "offpolicy/ratio_pos_q50", "offpolicy/ratio_pos_q95"]),
+    ("ratio quantiles, A < 0", ["offpolicy/ratio_neg_q05", "offpolicy/ratio_neg_q50", "offpolicy/ratio_neg_q95"]),
     ("M2 = mean (log r)^2", ["offpolicy/m2", "offpolicy/m2_after"]),
-    ("ESS (fraction; token, sequence)", ["offpolicy/ess_token", "offpolicy/ess_seq"]),
-    ("entropy", ["perf/entropy", "loss/entropy"]),
-    ("KL(mu || pi) estimates", ["offpolicy/kl_k1", "offpolicy/kl_k3"]),
-    ("staleness", ["offpolicy/staleness_mean", "offpolicy/staleness_max"]),
+    ("ESS (token, sequence)", ["offpolicy/ess_token", "offpolicy/ess_seq"]),
+    ("KL(mu || pi): k1, k3", ["offpolicy/kl_k1", "offpolicy/kl_k3"]),
+    ("entropy", ["loss/entropy"]),
+    ("staleness (knob, mean, max)", ["knob/staleness", "offpolicy/staleness_mean", "offpolicy/staleness_max"]),
     ("response length", ["reward/response_len_mean"]),
     ("zero-variance groups", ["reward/zero_var_group_frac"]),
-    ("grad norm (pre-clip)", ["loss/grad_norm", "perf/grad_norm"]),
+    ("grad norm (pre-clip)", ["loss/grad_norm"]),
     ("positive share of the loss", ["offpolicy/pos_share"]),
 ]
 SPARSE_PREFIXES: tuple[str, ...] = ("eval/",)  # logged every N updates: points + line over non-null
-WIDTH, HEIGHT, COLUMNS = 220, 150, 3
+WIDTH, HEIGHT, COLUMNS = 230, 120, 3
+EMPTY_TEXT = "no updates yet"
 
 
-def _usable(df: pl.DataFrame, col: str) -> bool:
-    if col not in df.columns or not df.schema[col].is_numeric():
-        return False
-    values = df.get_column(col).cast(pl.Float64)
-    return bool(values.is_finite().any())  # null, NaN and inf only -> nothing to draw
+def event_label(changes: dict[str, Any]) -> str:
+    """Short text of one knob change, e.g. ``staleness=32 objective=m2po tau=0.08``."""
+    parts = []
+    for k, v in changes.items():
+        if k == "objective_params":
+            if "objective" not in changes:  # a switch resets every parameter: the name says enough
+                parts.extend(f"{p}={_fmt(x)}" for p, x in v.items())
+        else:
+            parts.append(f"{k}={_fmt(v)}")
+    return " ".join(parts)
 
 
-def _panel_rows(df: pl.DataFrame, step: str, cols: list[str]) -> list[dict]:
-    """Long-form rows {step, series, value, sparse}; non-finite values become null (gaps)."""
-    rows: list[dict] = []
-    for col in cols:
-        sparse = col.startswith(SPARSE_PREFIXES)
-        value = pl.col(col).cast(pl.Float64)
-        part = df.select(
-            pl.col(step).cast(pl.Float64).alias("step"),
-            pl.when(value.is_finite()).then(value).alias("value"),
-        ).filter(pl.col("step").is_not_null())
-        if sparse:
-            part = part.filter(pl.col("value").is_not_null())
-        for r in part.sort("step").iter_rows(named=True):
-            rows.append({"step": r["step"], "series": col, "value": r["value"], "sparse": sparse})
-    return rows
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _panel(
-    title: str, rows: list[dict], cols: list[str], step: str, width: int, height: int
-) -> alt.LayerChart:
-    legend = None  # one series: the y-axis title names it
-    if len(cols) > 1:
-        legend = alt.Legend(title=None, orient="bottom", direction="vertical", labelLimit=width)
-    base = alt.Chart(alt.Data(values=rows)).encode(
-        x=alt.X("step:Q", title=step, axis=alt.Axis(tickMinStep=1, format="d")),
-        y=alt.Y("value:Q", title=cols[0] if len(cols) == 1 else None, scale=alt.Scale(zero=False),
-                axis=alt.Axis(format=".3~g")),  # on-policy M2 is float noise (1e-13): short labels
-        color=alt.Color("series:N", legend=legend, sort=cols),
-        tooltip=[
-            alt.Tooltip("series:N"), alt.Tooltip("step:Q", title=step), alt.Tooltip("value:Q", format=".4g"),
-        ],
-    )
-    line = base.mark_line(strokeWidth=1.5)
-    points = base.transform_filter("datum.sparse").mark_point(filled=True, size=25)
-    return alt.layer(line, points).properties(title=title, width=width, height=height)
+def _clean(v: Any) -> Any:
+    if v is None or isinstance(v, str):
+        return v
+    v = float(v)
+    return float(f"{v:.5g}") if math.isfinite(v) else None  # JSON has no NaN/inf: gaps
 
 
-def run_chart(
-    metrics: pl.DataFrame,
-    title: str = "",
-    *,
-    step: str = "update",
-    panels: Sequence[tuple[str, Sequence[str]]] | None = None,
-    columns: int = COLUMNS,
-    width: int = WIDTH,
-    height: int = HEIGHT,
-) -> alt.TopLevelMixin:
-    """A ``columns``-wide grid of line charts of ``metrics`` (one row per update) against ``step``.
+def present_panels(metrics: pl.DataFrame, panels: Sequence[tuple[str, Sequence[str]]]
+                   ) -> list[tuple[str, list[str]]]:
+    """The panels with at least one numeric column holding a finite value, and those columns."""
+    out = []
+    for title, cols in panels:
+        keep = [c for c in cols if c in metrics.columns and metrics.schema[c].is_numeric()
+                and bool(metrics.get_column(c).cast(pl.Float64).is_finite().any())]
+        if keep:
+            out.append((title, keep))
+    return out
 
-    Returns an Altair top-level chart (a ``ConcatChart``; a single text chart saying so when no
-    known column has data). ``panels`` defaults to ``PANELS``.
-    """
+
+def _check(metrics: Any, step: str) -> None:
     if not isinstance(metrics, pl.DataFrame):
         raise bad_value("metrics", type(metrics).__name__, "a polars DataFrame (one row per update)")
     if step not in metrics.columns and metrics.width:  # an empty frame (no updates yet) is fine
         raise bad_value("step", step, f"a column of metrics ({', '.join(metrics.columns[:12])})")
-    charts = []
-    for panel_title, cols in PANELS if panels is None else panels:
-        present = [c for c in cols if step in metrics.columns and _usable(metrics, c)]
-        if present:
-            rows = _panel_rows(metrics, step, present)
-            charts.append(_panel(panel_title, rows, present, step, width, height))
-    if not charts:
-        note = alt.Chart(alt.Data(values=[{"t": "no chartable metric columns yet"}])).mark_text(size=13)
-        return note.encode(text="t:N").properties(title=title, width=width, height=height)
-    grid = alt.concat(*charts, columns=columns).resolve_scale(color="independent")
-    return grid.properties(title=title) if title else grid
 
 
-def _spec_and_version(chart: alt.TopLevelMixin) -> tuple[dict, str | None]:
-    if not isinstance(chart, alt.TopLevelMixin):
-        raise bad_value("chart", type(chart).__name__, "an Altair chart (e.g. from run_chart)")
+def _panel(title: str, cols: list[str], step: str, width: int, labelled: bool, events: bool) -> dict[str, Any]:
+    x = {"field": step, "type": "quantitative", "title": step, "axis": {"tickMinStep": 1, "format": "d"}}
+    base = {
+        "transform": [{"fold": cols, "as": ["series", "value"]},
+                      {"filter": "isValid(datum.value) || indexof(datum.series, 'eval/') != 0"}],
+        "encoding": {
+            "x": x,
+            "y": {"field": "value", "type": "quantitative", "title": None, "scale": {"zero": False},
+                  "axis": {"format": ".3~g"}},  # float noise (1e-13) gets short tick labels
+            "color": {"field": "series", "type": "nominal", "sort": cols,
+                      "legend": {"title": None, "orient": "bottom", "direction": "vertical", "labelLimit": width}},
+            "tooltip": [{"field": "series", "type": "nominal"}, {"field": step, "type": "quantitative"},
+                        {"field": "value", "type": "quantitative", "format": ".4g"}],
+        },
+    }
+    layers: list[dict[str, Any]] = [{**base, "mark": {"type": "line", "strokeWidth": 1.5}}]
+    sparse = [c for c in cols if c.startswith(SPARSE_PREFIXES)]
+    if sparse:
+        layers.append({**base, "transform": base["transform"] + [{"filter": {"field": "series", "oneOf": sparse}}],
+                       "mark": {"type": "point", "filled": True, "size": 20}})
+    if events:
+        layers.append({"data": {"name": "knobs"},
+                       "mark": {"type": "rule", "color": "#444", "strokeDash": [4, 3], "opacity": 0.7},
+                       "encoding": {"x": {"field": "update", "type": "quantitative"},
+                                    "tooltip": [{"field": "update", "type": "quantitative",
+                                                 "title": "knob change at update"},
+                                                {"field": "label", "type": "nominal"}]}})
+        if labelled:
+            layers.append({"data": {"name": "knobs"},
+                           "mark": {"type": "text", "align": "left", "baseline": "top", "dx": 3, "fontSize": 9,
+                                    "color": "#444"},
+                           "encoding": {"x": {"field": "update", "type": "quantitative"},
+                                        "y": {"field": "y", "type": "quantitative", "scale": None},
+                                        "text": {"field": "label", "type": "nominal"}}})
+    return {"title": title, "width": width, "layer": layers}
+
+
+def chart_spec(metrics: pl.DataFrame, knob_events: Sequence[dict[str, Any]] = (), *,
+               panels: Sequence[tuple[str, Sequence[str]]] | None = None, title: str = "",
+               width: int = WIDTH, height: int = HEIGHT, columns: int = COLUMNS, step: str = "update",
+               empty_text: str = EMPTY_TEXT) -> dict[str, Any]:
+    """The grid as a Vega-Lite dict: one panel per entry of ``panels`` (default ``PANELS``) that has
+    data, knob changes as rules; a single text mark saying ``empty_text`` when nothing has data."""
+    _check(metrics, step)
+    panels = PANELS if panels is None else panels
+    spec: dict[str, Any] = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+                            "config": {"view": {"continuousWidth": width, "continuousHeight": height}}}
+    if title:
+        spec["title"] = title
+    present = present_panels(metrics, panels) if metrics.height and step in metrics.columns else []
+    if not present:
+        spec.update({"data": {"values": [{"t": empty_text}]}, "mark": {"type": "text", "size": 13},
+                     "encoding": {"text": {"field": "t", "type": "nominal"}}, "width": width, "height": height})
+        return spec
+    cols = sorted({c for _, cs in present for c in cs})
+    table = metrics.select([step] + cols)
+    rows = [{k: _clean(v) for k, v in r.items()} for r in table.iter_rows(named=True)]
+    events = [{"update": e["update"], "label": event_label(e["changes"]), "y": 2 + 11 * (i % 4)}
+              for i, e in enumerate(knob_events)]  # labels staggered over 4 lines so close changes stay legible
+    charts = [{**_panel(t, pcols, step, width, i == 0, bool(events)), "height": height}
+              for i, (t, pcols) in enumerate(present)]
+    spec.update({"data": {"name": "metrics"}, "datasets": {"metrics": rows, "knobs": events},
+                 "concat": charts, "columns": columns, "resolve": {"scale": {"color": "independent"}}})
+    return spec
+
+
+def run_chart(metrics: pl.DataFrame, title: str = "", knob_events: Sequence[dict[str, Any]] = (),
+              **kw: Any) -> alt.TopLevelMixin:
+    """``chart_spec`` as an Altair chart (for display in any notebook; not re-validated)."""
+    spec = chart_spec(metrics, knob_events, title=title, **kw)
+    cls = alt.ConcatChart if "concat" in spec else alt.Chart
+    return cls.from_dict(spec, validate=False)
+
+
+def _spec_and_version(chart: alt.TopLevelMixin | dict[str, Any]) -> tuple[dict, str | None]:
+    if isinstance(chart, dict):
+        spec = chart
+    elif isinstance(chart, alt.TopLevelMixin):
+        spec = chart.to_dict(validate=False)
+    else:
+        raise bad_value("chart", type(chart).__name__, "an Altair chart or a Vega-Lite dict (e.g. from run_chart)")
     version = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
-    return chart.to_dict(), version if version in vlc.get_vegalite_versions() else None
+    return spec, version if version in vlc.get_vegalite_versions() else None
 
 
-def save_png(chart: alt.TopLevelMixin, path: str | Path, scale: float = 1.0) -> Path:
-    """Render ``chart`` to a PNG file offline (vl-convert; external data URLs are refused)."""
+def save_png(chart: alt.TopLevelMixin | dict[str, Any], path: str | Path, scale: float = 1.0) -> Path:
+    """Render a chart (Altair or a Vega-Lite dict) to a PNG file offline (external URLs refused)."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise bad_value("scale", scale, "a positive number")
     spec, version = _spec_and_version(chart)
@@ -139,8 +190,9 @@ def save_png(chart: alt.TopLevelMixin, path: str | Path, scale: float = 1.0) -> 
     return path
 
 
-def save_html(chart: alt.TopLevelMixin, path: str | Path) -> Path:
-    """Write a self-contained HTML page (Vega, Vega-Lite and vega-embed inlined; no CDN)."""
+def save_html(chart: alt.TopLevelMixin | dict[str, Any], path: str | Path) -> Path:
+    """Write a self-contained HTML page (Vega, Vega-Lite and vega-embed inlined; no CDN): the
+    tooltips work offline."""
     spec, version = _spec_and_version(chart)
     html = vlc.vegalite_to_html(spec, vl_version=version, bundle=True)
     if "cdn.jsdelivr" in html:  # guard against a vl-convert behaviour change
@@ -151,4 +203,5 @@ def save_html(chart: alt.TopLevelMixin, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["COLUMNS", "HEIGHT", "PANELS", "SPARSE_PREFIXES", "WIDTH", "run_chart", "save_html", "save_png"]
+__all__ = ["COLUMNS", "EMPTY_TEXT", "HEIGHT", "PANELS", "SPARSE_PREFIXES", "WIDTH", "chart_spec", "event_label",
+           "present_panels", "run_chart", "save_html", "save_png"]

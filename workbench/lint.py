@@ -5,15 +5,20 @@
         print(w.code, w.field, w.message)
 
 ``lint(config) -> list[LintWarning]`` (``Warning`` is an alias); each warning has a ``code``, a
-one-line ``message`` and the config ``field`` to change. The CLI runs it before ``run`` and as
-``python -m workbench lint [same flags as run]``. Nothing here raises: a config that validates is
-runnable, the linter only says where it probably does not do what was meant. The checks (the
-issue reports are peers.md section 5):
+one-line ``message`` and the config ``field`` to change. ``notes(config) -> list[str]`` are
+informative lines about what a config does that is no mistake. The CLI prints both before ``run``
+and for ``python -m workbench lint [same flags as run]``. Nothing here raises: a config that
+validates is runnable, the linter only says where it probably does not do what was meant. The
+checks (each cites the upstream issue reports it comes from):
 
 ``clip_inert``
     Nothing makes pi_theta differ from the anchor, so the ratio is identically 1 and clipping /
     masking / IS weighting never acts: staleness 0, sync_every 1, one update per batch, full-support
-    sampling (TRL #3120 / #3757, AReaL #201 "clip_ratio always 0", SkyRL #1315). Also
+    sampling (TRL #3120 / #3757, AReaL #201 "clip_ratio always 0", SkyRL #1315). Warnings are for
+    combinations users get wrong, so the on-policy default itself (objective, its parameters,
+    correction and proximal policy all left at their defaults) is not warned about: it is the
+    on-policy reference run, and ``notes`` says so instead. Choosing an objective, its parameters or
+    a correction for an on-policy run is what the warning is for. Also
     ``proximal="recompute"`` with one update per batch: the anchor is the policy at the start of the
     batch, which is then the policy being updated, so the ratio is 1 regardless of staleness (the
     trust region is only the correction's cap; reuse, epochs x minibatches, is what lets it act).
@@ -31,7 +36,7 @@ issue reports are peers.md section 5):
     The loss scale changes with batch composition: ``seq-mean-token-sum-norm`` without a fixed
     ``loss_scale_factor`` (the normaliser is the batch's longest response; verl #3741); Dr. GRPO
     advantages with a mean aggregation (the Dr. GRPO caveat: its unbiased form needs a constant
-    normaliser, objectives.md 2.16); a mean aggregation with filtering (``filter_zero_variance`` or
+    normaliser, docs/design.md, "Aggregation"); a mean aggregation with filtering (``filter_zero_variance`` or
     ``max_staleness``), whose normaliser counts only the samples that survive.
 ``m2po_tau_range``
     M2PO with tau outside [0.02, 0.12], the range the paper found stable (arXiv:2510.01161, Fig. 8).
@@ -68,7 +73,7 @@ class LintWarning:
         return f"[{self.code}] {self.field}: {self.message}"
 
 
-Warning = LintWarning  # noqa: A001  (the name the issue uses; prefer LintWarning)
+Warning = LintWarning  # noqa: A001  (short alias; prefer LintWarning)
 
 CODES: tuple[str, ...] = (
     "clip_inert", "double_correction", "stale_ignored", "batch_dependent_aggregation", "m2po_tau_range",
@@ -101,6 +106,32 @@ def offpolicy_sources(cfg: RunConfig) -> list[tuple[str, str]]:
     return out
 
 
+# What the user chooses when the clip is meant to act; all at the defaults = the on-policy reference.
+_REFERENCE_FIELDS = ("objective", "objective_params", "correction", "correction_params", "proximal")
+
+
+def is_on_policy_reference(cfg: RunConfig) -> bool:
+    """True for the default objective left on-policy: nothing the clip would need was chosen.
+
+    That run is the on-policy reference (ratio 1 by design), so it gets a note, not a warning. A
+    config that equals the default is the default whatever flags produced it."""
+    if offpolicy_sources(cfg):
+        return False
+    default = RunConfig()  # validated: objective_params holds the registry defaults, as in ``cfg``
+    return all(getattr(cfg, n) == getattr(default, n) for n in _REFERENCE_FIELDS)
+
+
+def notes(config: RunConfig) -> list[str]:
+    """Informative one-line notes: what the config does that is deliberate (empty list = none)."""
+    if not is_on_policy_reference(config):
+        return []
+    obj = config.objective
+    effect = ("trains as REINFORCE" if OBJECTIVES.meta(obj).get("reduces_to_reinforce")
+              else "its clipping never acts")
+    return [f"on-policy run (staleness 0): the ratio is 1, so {obj} {effect}; try --staleness 16 to see "
+            f"clipping act"]
+
+
 def lint(config: RunConfig) -> list[LintWarning]:
     """Every warning for ``config`` (empty list = nothing suspicious), in ``CODES`` order."""
     cfg = config
@@ -124,7 +155,7 @@ def lint(config: RunConfig) -> list[LintWarning]:
                  f"update per batch that is the policy being updated: pi_theta/pi_prox is identically 1 and "
                  f"{obj}'s clipping/masking never acts{tail}; the only trust region left is the correction's "
                  f"cap on pi_prox/mu (use updates_per_batch or num_minibatches > 1 for the clip to act)")
-        elif not sources:
+        elif not sources and not is_on_policy_reference(cfg):
             warn("clip_inert", "staleness",
                  f"nothing makes pi_theta differ from the behaviour policy (staleness 0, sync_every 1, one "
                  f"update per batch, full-support sampling): the ratio is identically 1, so {obj}'s "
@@ -161,7 +192,7 @@ def lint(config: RunConfig) -> list[LintWarning]:
                "divides by a count that changes with the batch, so the per-token scale is not the constant "
                "Dr. GRPO assumes")
         warn("batch_dependent_aggregation", "aggregation",
-             f"advantage=dr_grpo with aggregation={agg} {why} (the Dr. GRPO caveat, objectives.md 2.16); use "
+             f"advantage=dr_grpo with aggregation={agg} {why} (the Dr. GRPO caveat: docs/design.md, \"Aggregation\"); use "
              f"seq-mean-token-sum-norm with a fixed loss_scale_factor")
     if agg in _MEAN_AGGREGATIONS and (cfg.filter_zero_variance or cfg.max_staleness >= 0):
         field = "filter_zero_variance" if cfg.filter_zero_variance else "max_staleness"
@@ -198,4 +229,5 @@ def lint(config: RunConfig) -> list[LintWarning]:
     return sorted(out, key=lambda w: order[w.code])
 
 
-__all__ = ["CODES", "LintWarning", "M2PO_STABLE_TAU", "Warning", "ignores_behavior", "lint", "offpolicy_sources"]
+__all__ = ["CODES", "LintWarning", "M2PO_STABLE_TAU", "Warning", "ignores_behavior", "is_on_policy_reference", "lint",
+           "notes", "offpolicy_sources"]

@@ -2,8 +2,8 @@
 
 Read top to bottom: ``Run.step`` is the whole algorithm. One step = one optimizer update;
 ``policy_version`` = updates applied so far. The buffer decides which (stale) batch an update
-sees (docs/design.md, "Staleness"); ``update_step`` reweights it with the live objective and steps
-AdamW.
+sees (docs/design.md, "Staleness and the behaviour policy"); ``update_step`` reweights it with
+the live objective and steps AdamW.
 
     run = Run(RunConfig(objective="m2po", staleness=64))
     run.run(100)            # or run.step() in a notebook; run.knobs.staleness = 4 changes it live
@@ -155,7 +155,7 @@ class Run:
             metrics["perf/time_forward"] + metrics["perf/time_loss"] + metrics["perf/time_backward"], 1e-9)
         self.rows.append(row)
         if self.dir:
-            self.dir.write_metrics(self.metrics)
+            self.dir.append_metrics(row)
             if cfg.checkpoint_every and self.version % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         for hook in self.hooks:

@@ -30,13 +30,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from workbench import PROCESS_DEFAULTS
+from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
+from workbench.policy.model import TINY_MODEL, ModelConfig, build_model
+from workbench.policy.tokenizer import build_char_tokenizer
+from workbench.runs.rundir import atomic_write_text, dumps
 
 KERNEL_NAME = "workbench"
-KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
-TINY_MODEL = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                  max_position_embeddings=64)
+KERNEL_ENV = dict(PROCESS_DEFAULTS)  # the kernel's process gets the package's defaults before torch loads
 TINY_REWARDS = (("exact_match", 1.0), ("overlong", 1.0, {"max_len": 4, "cache_len": 3}))
 
 
@@ -149,6 +151,30 @@ def _default(declared: dict[str, Any], name: str) -> Any:
     return ast.literal_eval(declared[name]["default"])
 
 
+def has_frontend() -> bool:
+    """Is there a frontend that renders widgets? (JupyterLab / Notebook / VS Code: yes; papermill,
+    nbclient and plain Python: no.) Rules, first match wins:
+    1. ``WORKBENCH_HEADLESS=1`` (set by ``workbench.notebook.run_notebook`` and the CLI) -> no;
+       ``WORKBENCH_HEADLESS=0`` -> yes.
+    2. Not inside an IPython kernel (plain ``python``, a terminal IPython) -> no.
+    3. A kernel started by a Jupyter server (JupyterLab, Notebook 7: the server sets
+       ``JPY_SESSION_NAME``), by VS Code (``VSCODE_PID``) or in Colab -> yes.
+    4. Otherwise (a kernel started by papermill / nbclient directly) -> no.
+    """
+    flag = os.environ.get("WORKBENCH_HEADLESS", "").strip().lower()
+    if flag in ("1", "true", "yes"):
+        return False
+    if flag in ("0", "false", "no"):
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    if "google.colab" in sys.modules:
+        return True
+    return any(k in os.environ for k in ("JPY_SESSION_NAME", "VSCODE_PID"))
+
+
 # ------------------------------------------------------------------ what the notebooks call
 def setup(tiny: bool = False, *, model_path: str = "", **config_fields: Any):
     """(config, model, tokenizer) for a notebook; model/tokenizer are None for the built-in path.
@@ -156,15 +182,10 @@ def setup(tiny: bool = False, *, model_path: str = "", **config_fields: Any):
     ``tiny``: an untrained ~35 k-parameter model and ``TINY_REWARDS`` (CI); ``model_path``: a local
     Hugging Face checkpoint; otherwise the built-in warm start (``RunConfig(model="builtin")``).
     """
-    from workbench.config import RunConfig
-
     if not tiny:
         if model_path:
             config_fields["model"] = model_path
         return RunConfig(**config_fields), None, None
-    from workbench.policy.model import ModelConfig, build_model
-    from workbench.policy.tokenizer import build_char_tokenizer
-
     config_fields.setdefault("rewards", TINY_REWARDS)
     config = RunConfig(**config_fields)
     tokenizer = build_char_tokenizer()
@@ -174,8 +195,6 @@ def setup(tiny: bool = False, *, model_path: str = "", **config_fields: Any):
 
 def write_summary(out_dir: str | Path, run_name: str, summary: dict[str, Any]) -> Path:
     """Write ``<out_dir>/<run_name>/summary.json`` (notebooks without a ``Run`` use this)."""
-    from workbench.runs.rundir import atomic_write_text, dumps
-
     d = Path(out_dir) / run_name
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_text(d / "summary.json", dumps(summary))

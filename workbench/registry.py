@@ -1,4 +1,5 @@
-"""Registries: one per extension point (objectives, advantage estimators, tasks, rewards, samplers).
+"""Registries: one per extension point (objectives, advantage estimators, tasks, rewards; the samplers
+are the ``Sampler`` protocol and ``steps.generate.engines.SAMPLERS``).
 
 A registry maps a name to a plain function (or class) plus metadata. Registering a name twice
 raises; looking up an unknown name raises a one-line error listing the valid names. Widget

@@ -1,6 +1,6 @@
 """The batch type that flows through generate -> score -> buffer -> reweight -> update.
 
-``Rollouts`` is one batch of sampled responses (DESIGN.md section 3). Tensors are CPU tensors;
+``Rollouts`` is one batch of sampled responses (docs/design.md, "The Rollouts contract"). Tensors are CPU tensors;
 prompts are left-padded (so generation can run batched with a KV cache), responses right-padded.
 
 Shapes (B sequences, P prompt tokens, T response tokens):

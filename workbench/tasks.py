@@ -8,7 +8,8 @@ seed, so a task is fully described by its name and params (``Task.spec``).
 Held-out prompts never appear in training: synthetic tasks redraw any sampled prompt that is in the
 held-out set; the JSONL task splits *unique prompts* (not lines) into held-out and train.
 
-Left out: chat templates, multi-turn prompts, partial credit (``verify`` is exact match after
+Chat templates are applied to a task's prompts by ``workbench.policy.chat``. Left out: multi-turn
+prompts, partial credit (``verify`` is exact match after
 stripping whitespace; graded rewards belong to reward functions, which get ``Example.extra``).
 """
 

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 
 from workbench.config import RunConfig
+from workbench.policy.model import ModelConfig, load_policy
+from workbench.policy.warm_start import SFTConfig, warm_start
 from workbench.tasks import Task, make_task
 
 
@@ -17,9 +19,6 @@ def build_task(config: RunConfig) -> Task:
 
 def build_policy(config: RunConfig, task: Task, log: Callable[[str], None] = print):
     """The starting policy: the cached SFT warm start of the built-in model, or a local checkpoint."""
-    from workbench.policy.model import ModelConfig, load_policy
-    from workbench.policy.warm_start import SFTConfig, warm_start
-
     if config.model == "builtin":
         path = warm_start(task, ModelConfig(**config.model_params), SFTConfig(**config.sft_params), log=log)
     else:

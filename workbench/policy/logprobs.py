@@ -10,8 +10,8 @@ sampler's ``behavior_logprobs`` up to float rounding. With top-k / top-p the sam
 truncated, renormalised distribution, so its log-probs are >= these full-distribution ones: that
 gap is a real off-policy mismatch, not a bug (see ``workbench.steps.generate``).
 
-Left out: chunking long batches (the loop chooses micro-batch sizes) and top-k/top-p-aware
-recomputation.
+Left out: chunking long batches (each call is one forward over the whole batch; there is no
+micro-batching) and top-k/top-p-aware recomputation.
 """
 
 from __future__ import annotations

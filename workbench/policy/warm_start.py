@@ -3,9 +3,9 @@
 A fresh model (``build_model``) is trained with teacher forcing on prompt + answer + EOS (loss on
 the answer and EOS tokens only, AdamW), and its held-out greedy accuracy is checked every
 ``eval_every`` steps. Training stops as soon as accuracy is inside ``target_band`` (default
-0.2-0.5: right often enough to get reward, wrong often enough to learn from; DESIGN.md section 8).
-If accuracy jumps past the band, the evaluated checkpoint closest to the band is kept and the log
-says so; the same happens when the step cap is reached first.
+0.2-0.5: right often enough to get reward, wrong often enough to learn from; docs/design.md,
+"The built-in default"). If accuracy jumps past the band, the evaluated checkpoint closest to the
+band is kept and the log says so; the same happens when the step cap is reached first.
 
 The result is cached: ``<cache root>/warm_start/<key>/`` holds the checkpoint (``save_policy``
 format, loadable with ``load_policy``) and ``warm_start.json``. The key hashes the task
@@ -18,8 +18,9 @@ SFT batches use the same tokenization and layout as the sampler (prompt tokenize
 tokenizer's defaults and left-padded, answer + EOS right-padded) and the same ``token_logprobs``
 forward pass, so the model is trained on exactly what it will later be asked to continue.
 
-Left out: learning-rate schedules beyond a linear warm-up, gradient accumulation, and training on
-``task.expert`` outputs that differ from ``example.answer`` (they are the same for built-in tasks).
+The SFT targets are ``task.expert(example)`` (the reference answer for the built-in tasks).
+
+Left out: learning-rate schedules beyond a linear warm-up, gradient accumulation.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Callable
 import torch
 
 from workbench import __version__
+from workbench.cache import cache_root
 from workbench.errors import bad_value
 from workbench.steps.generate.sampler import encode_prompts
 from workbench.steps.generate.transformers_sampler import greedy_accuracy
@@ -89,15 +91,6 @@ class SFTConfig:
         object.__setattr__(self, "target_band", (float(band[0]), float(band[1])))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad_value("SFTConfig.seed", self.seed, "an int")
-
-
-def cache_root() -> Path:
-    """``$WORKBENCH_CACHE``, else ``$XDG_CACHE_HOME/workbench``, else ``~/.cache/workbench``."""
-    if os.environ.get("WORKBENCH_CACHE"):
-        return Path(os.environ["WORKBENCH_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "workbench"
-    return Path.home() / ".cache" / "workbench"
 
 
 def cache_key(task: Task, model_cfg: ModelConfig, sft_cfg: SFTConfig) -> str:
@@ -247,4 +240,4 @@ def warm_start(task: Task, model_cfg: ModelConfig | None = None, sft_cfg: SFTCon
     return final
 
 
-__all__ = ["SFTConfig", "warm_start", "cache_root", "cache_key", "sft_batch"]
+__all__ = ["SFTConfig", "warm_start", "cache_key", "sft_batch"]

@@ -96,6 +96,7 @@ def restore(run: Any, files: dict[str, Any]) -> None:
         raise WorkbenchError(
             f"metrics.parquet={str(rd.metrics_path)!r} is invalid: holds {len(run.rows)} rows before "
             f"update {run.version}, the checkpoint expects {state['rows']}")
+    rd.keep_metrics(len(run.rows))  # rows of updates after the checkpoint are re-recorded live
     # the journal keeps only what happened up to the checkpoint: later events are re-recorded live
     rd.rewrite_knob_events(run.knob_events)
 

@@ -1,8 +1,12 @@
-"""Runs on disk (DESIGN.md section 7): config, metrics, knob events, summary, checkpoints.
+"""Runs on disk (docs/design.md, "Runs on disk"): config, metrics, knob events, summary, checkpoints.
 
     runs/<run-id>/config.json         everything needed to rerun
-    runs/<run-id>/metrics.parquet     one row per update; rewritten atomically (temp file + rename),
-                                      so a crash at any moment leaves the previous complete file
+    runs/<run-id>/metrics.parquet     one row per update; holds every row once ``run()`` ends (the
+                                      end of Run.run, the CLI, ControlPanel.finish: write_summary)
+    runs/<run-id>/metrics.parts/      only while a run is live (or after a crash): the rows appended
+    runs/<run-id>/metrics.tail.jsonl  since, as parquet parts of 512 rows + one JSON line per newer
+                                      update (O(1) per update). read_metrics(run_dir) reads all three
+                                      at any moment: every complete row, none twice (``metrics``)
     runs/<run-id>/knob_events.jsonl   one line per live change, with the update it took effect at
     runs/<run-id>/summary.json        headline numbers, rewritten atomically
     runs/<run-id>/checkpoints/update_000123/
@@ -10,7 +14,7 @@
         optimizer.safetensors + .json AdamW state tensors + param-group hyperparameters
         buffer.safetensors + .json    queued batches and pending minibatches (token ids, log-probs...)
         state.json                    policy version, knobs, RNG states, counters
-Everything is safetensors or JSON/parquet: nothing is ever unpickled.
+Everything is safetensors or JSON/JSON lines/parquet: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import WorkbenchError
+from workbench.runs.metrics import PARTS, TAIL, MetricsLog, read_metrics
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -81,6 +86,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._metrics: MetricsLog | None = None  # opened on the first write: reading never recovers
 
     @property
     def metrics_path(self) -> Path:
@@ -89,11 +95,28 @@ class RunDir:
     def write_config(self, config_dict: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.json", dumps(config_dict))
 
-    def write_metrics(self, df: pl.DataFrame) -> None:
-        atomic_write_parquet(df, self.metrics_path)
+    @property
+    def metrics_log(self) -> MetricsLog:
+        """This folder's metrics writer (one per run directory: the loop's ``RunDir``)."""
+        if self._metrics is None:
+            self._metrics = MetricsLog(self.path)
+        return self._metrics
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """One update's row, O(1) in the rows already written."""
+        self.metrics_log.append(row)
+
+    def compact_metrics(self) -> None:
+        """Fold the live parts and tail into ``metrics.parquet`` (O(rows), once at the end of a run)."""
+        if self._metrics is not None or (self.path / TAIL).exists() or (self.path / PARTS).exists():
+            self.metrics_log.compact()
+
+    def keep_metrics(self, rows: int) -> None:
+        """Keep the first ``rows`` rows on disk (a resume drops the updates after its checkpoint)."""
+        self.metrics_log.truncate(rows)
 
     def read_metrics(self) -> pl.DataFrame:
-        return pl.read_parquet(self.metrics_path) if self.metrics_path.exists() else pl.DataFrame()
+        return read_metrics(self.path)
 
     def append_knob_event(self, event: dict[str, Any]) -> None:
         with open(self.path / "knob_events.jsonl", "a") as f:
@@ -106,6 +129,9 @@ class RunDir:
         atomic_write_text(self.path / "knob_events.jsonl", text)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """The end of a run (``Run.run``, the CLI, ``ControlPanel.finish``): the metrics are compacted
+        first, so the folder then holds one ``metrics.parquet`` of every row the summary describes."""
+        self.compact_metrics()
         atomic_write_text(self.path / "summary.json", dumps(summary))
 
     # ---- checkpoints ----

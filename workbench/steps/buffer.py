@@ -1,4 +1,6 @@
-"""buffer: the staleness queue between generate/score and the update (DESIGN.md section 4).
+"""buffer: the staleness queue between generate/score and the update.
+
+In context: docs/design.md, "Staleness and the behaviour policy".
 
 What it does. Batches are generated with the *current* weights and consumed later, so data is
 exactly as stale as asked without keeping old model copies: memory is (staleness + sync_every)

@@ -1,12 +1,13 @@
 """"Prosperity before collapse" at CPU scale: the sweep, its per-run statistics, the checks, the report.
 
     python -m workbench report --size cpu        # runs (or resumes) the sweeps, writes reports/prosperity.md
+                                                 # (the command: workbench.cli.report)
 
     from workbench.studies import prosperity
     df = prosperity.run_sweeps("workshop")       # merged metrics of every run (on-policy + stale grid)
     runs = prosperity.runs_table(df)             # one row per run: final / best accuracy, collapse, fractions
     table = prosperity.summary_table(runs)       # objective x staleness: mean and spread over seeds
-    checks = prosperity.check_claims(table)      # the four statements of issue 6, evaluated on the data
+    checks = prosperity.check_claims(table)      # the paper's four statements, evaluated on the data
 
 The claim being reproduced (M2PO, Zheng et al. 2025, "Prosperity before Collapse: How Far Can
 Off-Policy RL Reach with Stale Data on LLMs?", arXiv:2510.01161): with stale rollouts, unclipped
@@ -37,15 +38,23 @@ scale section), significance tests (two or three seeds cannot support them).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
+from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
+from workbench.notebook import TINY_REWARDS
+from workbench.policy.model import TINY_MODEL, ModelConfig, build_model, save_policy
+from workbench.policy.tokenizer import build_char_tokenizer
+from workbench.steps.reweight import OBJECTIVES
+from workbench.sweeps import RUNS_FILE, SPEC_FILE, read_sweep, sweep
 
 FINAL_EVALS = 3  # "final" accuracy = mean of the last 3 held-out evaluations
 ONPOLICY = "on-policy"  # the objective label of the reference runs in tables and charts
@@ -79,18 +88,12 @@ SIZES: dict[str, Size] = {
 
 def base_config(size: Size, out_dir: str = "runs", **fields: Any):
     """The base ``RunConfig`` of a size: the built-in default with ``steps`` and the overrides."""
-    from workbench.config import RunConfig
-
     return RunConfig(**{"steps": size.steps, "out_dir": out_dir, **size.overrides, **fields})
 
 
 def resolve_size(size: str | Size = "cpu", *, steps: int = 0, staleness: str | tuple = "", objectives: str | tuple = "",
                  seeds: int = 0) -> Size:
     """A named size with some of its fields replaced (0 / empty keeps the size's value); for notebooks."""
-    from dataclasses import replace
-
-    from workbench.steps.reweight import OBJECTIVES
-
     base = _size(size)
     if isinstance(staleness, str):
         try:
@@ -116,10 +119,6 @@ def tiny_base(size: Size, out_dir: str = "runs"):
 
     An untrained model is never right, so the reward adds a length-shaped term (``notebook.TINY_REWARDS``).
     """
-    from workbench.policy.model import ModelConfig, build_model, save_policy
-    from workbench.notebook import TINY_MODEL, TINY_REWARDS
-    from workbench.policy.tokenizer import build_char_tokenizer
-
     path = Path(out_dir) / "tiny_model"
     if not (path / "config.json").is_file():
         tok = build_char_tokenizer()
@@ -132,9 +131,6 @@ def sweep_prefix(size: str | Size = "cpu", base=None, out_dir: str = "runs") -> 
     """The sweeps' folder prefix: ``prosperity`` for the report's grid (``cpu`` on the default base),
     ``prosperity-<size>`` for another named size, ``prosperity-custom-<hash>`` for anything else, so
     different grids or bases never share (and never overwrite) each other's runs."""
-    import hashlib
-    import json
-
     size = _size(size)
     default = base_config(size, out_dir)
     if base is None or base.to_dict() == default.to_dict():
@@ -154,8 +150,6 @@ def run_sweeps(size: str | Size = "cpu", *, base=None, out_dir: str = "runs", pr
     ``<out_dir>/<prefix>-onpolicy`` and ``-stale`` (``prefix`` default: ``sweep_prefix``). The result
     has one row per (run, update) with ``objective`` = ``ON_POLICY`` for the reference runs.
     """
-    from workbench.sweeps import sweep
-
     size = _size(size)
     base = base if base is not None else base_config(size, out_dir)
     prefix = prefix or sweep_prefix(size, base, base.out_dir or "runs")
@@ -173,8 +167,6 @@ def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFra
     Adds ``initial_accuracy`` (each run's held-out accuracy before its first update, from
     ``sweep_runs.parquet``); the reference runs' ``objective`` is ``ON_POLICY``.
     """
-    from workbench.sweeps import RUNS_FILE, read_sweep
-
     parts = []
     for kind in ("onpolicy", "stale"):
         folder = Path(out_dir) / f"{prefix}-{kind}"
@@ -194,10 +186,6 @@ def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFra
 
 def sweep_base(out_dir: str = "runs", prefix: str = "prosperity") -> dict[str, Any]:
     """The stale grid's base config as recorded in its ``sweep.json`` ({} if absent)."""
-    import json
-
-    from workbench.sweeps import SPEC_FILE
-
     path = Path(out_dir) / f"{prefix}-stale" / SPEC_FILE
     return json.loads(path.read_text()).get("base", {}) if path.is_file() else {}
 
@@ -329,7 +317,7 @@ def drift_matched_staleness(table: pl.DataFrame, target: float = PAPER_CLIPFRAC)
 
 def check_claims(table: pl.DataFrame, *, staleness: int | None = None, margin: float = 0.03, degrade: float = 0.05,
                  ratio: float = 0.1) -> list[Check]:
-    """Issue 6's must-hold statements at ``staleness`` (default: the highest of ``table``, a ``summary_table``).
+    """The paper's four statements at ``staleness`` (default: the highest of ``table``, a ``summary_table``).
 
     (a) the on-policy reference's final accuracy; (b) ``is`` improves by >= ``degrade`` over its start
     and then ends >= ``degrade`` below its best, and ``ppo_clip`` ends >= ``margin`` below on-policy;
@@ -377,26 +365,7 @@ def check_claims(table: pl.DataFrame, *, staleness: int | None = None, margin: f
     return out
 
 
-# ----------------------------------------------------------------------------- CLI flags
-def add_arguments(parser) -> None:
-    parser.add_argument("--size", default="cpu", choices=sorted(SIZES),
-                        help="; ".join(f"{k}: staleness {v.staleness} x {len(v.objectives)} objectives x {v.seeds} "
-                                       f"seed(s) x {v.steps} updates, {v.minutes} min on 2 cores"
-                                       for k, v in SIZES.items()))
-    parser.add_argument("--out", default="reports/prosperity.md", help="the report (figures go to <stem>/)")
-    parser.add_argument("--out-dir", default="runs", help="where the sweeps' folders go")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores // threads)")
-    parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run the cells as Ray tasks")
-    parser.add_argument("--prefix", default=None,
-                        help="sweep folders <out-dir>/<prefix>-onpolicy and -stale (default: prosperity for --size "
-                             "cpu, prosperity-<size> otherwise)")
-    parser.add_argument("--no-run", action="store_true", help="only rebuild the report from the sweeps on disk")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-
-__all__ = ["FINAL_EVALS", "ONPOLICY", "SIZES", "STATS", "Check", "Size", "add_arguments", "base_config", "check_claims", "drift_matched_staleness", "PAPER_CLIPFRAC", "resolve_size", "tiny_base",
+__all__ = ["FINAL_EVALS", "ONPOLICY", "SIZES", "STATS", "Check", "Size", "base_config", "check_claims", "drift_matched_staleness", "PAPER_CLIPFRAC", "resolve_size", "tiny_base",
            "collapse_update", "load_sweeps", "run_sweeps", "runs_table", "summary_table", "sweep_base", "sweep_prefix"]
 
 

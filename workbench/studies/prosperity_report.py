@@ -6,7 +6,7 @@ seeds' min..max as a band. Held-out accuracy (logged every ``eval_every`` update
 logged; per-update metrics are smoothed with a trailing mean over ``smooth`` updates per run first.
 ``write_report`` renders the figures to PNG (offline, vl-convert) and writes the Markdown report:
 setup, the four checks with their evidence, the objective x staleness table, figures, and the
-comparison with the paper's scale. ``python -m workbench report`` is the CLI.
+comparison with the paper's scale. ``python -m workbench report`` (``workbench.cli.report``) is the CLI.
 
 Left out: HTML output, statistical tests, per-token histograms of the ratios.
 """
@@ -14,14 +14,16 @@ Left out: HTML output, statistical tests, per-token histograms of the ratios.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import altair as alt
 import polars as pl
 
+from workbench.charts import save_png
 from workbench.errors import WorkbenchError
+from workbench.notebook import has_frontend
+from workbench.runs.rundir import atomic_write_text
 from workbench.studies.prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, Check, check_claims, drift_matched_staleness,
                          runs_table, summary_table)
 
@@ -114,13 +116,10 @@ def figures(df: pl.DataFrame, *, smooth: int = 10) -> dict[str, alt.TopLevelMixi
 def show_chart(chart: alt.TopLevelMixin, path: str | Path):
     """Save ``chart`` as PNG at ``path``; return what a notebook cell should display: the live Altair
     chart when a front end renders it, else the PNG (headless papermill runs)."""
-    from workbench.charts import save_png
-    from workbench.ui.frontend import has_frontend
-
     png = save_png(chart, path)
     if has_frontend():
         return chart
-    from IPython.display import Image
+    from IPython.display import Image  # IPython comes with the notebooks extra; only notebooks call this
 
     return Image(filename=str(png))
 
@@ -170,7 +169,7 @@ def closest_lines(table: pl.DataFrame) -> list[str]:
     return lines
 
 
-def _check_lines(checks: list[Check]) -> list[str]:
+def check_lines(checks: list[Check]) -> list[str]:
     mark = {True: "holds", False: "**does not hold**", None: "not measured"}
     return [f"- ({c.name}) {c.statement}: {mark[c.holds]}. {c.evidence}." for c in checks]
 
@@ -218,7 +217,7 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     if failed:
         out.append(f"- Failed runs (excluded): {', '.join(failed)}.")
     highest = max(stale) if stale else None
-    out += ["", f"## The four statements at the highest staleness ({highest})", ""] + _check_lines(checks)
+    out += ["", f"## The four statements at the highest staleness ({highest})", ""] + check_lines(checks)
     out += ["", "## How stale is stale: a drift gauge", "",
             "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
             "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
@@ -227,7 +226,7 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     if matched is not None and matched != highest:
         out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
                 f"staleness-256 data. The four statements at staleness {matched}:", ""]
-        out += _check_lines(check_claims(table, staleness=matched))
+        out += check_lines(check_claims(table, staleness=matched))
     elif matched is not None:
         out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
     out += ["", "## Closest to on-policy", ""] + closest_lines(table)
@@ -252,9 +251,6 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
                  base: dict[str, Any] | None = None, size: str = "", seconds: float | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Render the figures next to ``path`` (``<stem>/<figure>.png``) and write the Markdown."""
-    from workbench.charts import save_png
-    from workbench.runs.rundir import atomic_write_text
-
     path = Path(path)
     fig_dir = path.parent / path.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -268,37 +264,7 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
     return path
 
 
-# ----------------------------------------------------------------------------- CLI
-def cli_main(args) -> int:
-    """``python -m workbench report``: run (or resume) the sweeps and write the report."""
-    from workbench.studies.prosperity import load_sweeps, run_sweeps, sweep_base, sweep_prefix
-
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    prefix = args.prefix or sweep_prefix(args.size, out_dir=args.out_dir)
-    if args.no_run:
-        df = load_sweeps(args.out_dir, prefix)
-    else:
-        df = run_sweeps(args.size, out_dir=args.out_dir, prefix=prefix, workers=args.workers, threads_per_run=args.threads_per_run,
-                        ray=args.ray, progress=not args.no_progress, log=log)
-    seconds = None
-    if "perf/time_step" in df.columns:
-        seconds = float(df["perf/time_step"].sum())
-    command = "python -m workbench report" + ("" if args.size == "cpu" else f" --size {args.size}")
-    write_report(df, args.out, command=command, base=sweep_base(args.out_dir, prefix), size=args.size, seconds=seconds, log=log)
-    table = summary_table(runs_table(df))
-    for line in _check_lines(check_claims(table)):
-        print(line)
-    matched = drift_matched_staleness(table)
-    if matched is not None:
-        print(f"drift-matched staleness: {matched}")
-        for line in _check_lines(check_claims(table, staleness=matched)):
-            print(line)
-    log(f"report done in {time.perf_counter() - t0:.0f} s")
-    return 0
-
-
-__all__ = ["FIGURES", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table", "markdown_table", "render_markdown", "show_chart", "write_report"]
+__all__ = ["FIGURES", "check_lines", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table", "markdown_table", "render_markdown", "show_chart", "write_report"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use: python -m workbench report")

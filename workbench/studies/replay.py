@@ -5,7 +5,8 @@
 1. **The logged stale batch.** Generate and score one batch with the run's current weights
    theta_k (its sampler log-probs are the behaviour log-probs mu), exactly as the loop would.
 2. **Let it go stale.** Train ``staleness`` ordinary updates (``run.step()``), so the weights are
-   theta_{k+s}: the batch is now s versions old, as under the fixed-lag setting of DESIGN.md 4.
+   theta_{k+s}: the batch is now s versions old, as under the fixed-lag setting of the buffer
+   (docs/design.md, "Staleness and the behaviour policy").
 3. **Replay.** With theta_{k+s} frozen, for every objective: one forward pass (shared), the
    objective's loss with its paper's aggregation, the gradient with respect to every parameter,
    its norm, and its cosine similarity to the **on-policy gradient**; plus the objective's own

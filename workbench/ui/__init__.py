@@ -10,11 +10,11 @@ progress bar and the charts are written as PNG to the run directory (``has_front
 
 from __future__ import annotations
 
-from workbench.ui.frontend import has_frontend
-from workbench.ui.live import LIVE_PANELS, LiveCharts, Throttle, live_chart, live_spec, save_spec_png
+from workbench.notebook import has_frontend
+from workbench.ui.live import LiveCharts, Throttle
 from workbench.ui.panel import ControlPanel, load_knob_schedule
 from workbench.ui.tokens import token_html, token_weights
 from workbench.ui.trainer import BackgroundTrainer
 
-__all__ = ["BackgroundTrainer", "ControlPanel", "LIVE_PANELS", "LiveCharts", "Throttle", "has_frontend",
-           "live_chart", "live_spec", "load_knob_schedule", "save_spec_png", "token_html", "token_weights"]
+__all__ = ["BackgroundTrainer", "ControlPanel", "LiveCharts", "Throttle", "has_frontend", "load_knob_schedule",
+           "token_html", "token_weights"]

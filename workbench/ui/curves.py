@@ -26,8 +26,10 @@ import polars as pl
 import torch
 
 from workbench.steps.reweight import OBJECTIVES, validate_params
-from workbench.ui.frontend import has_frontend
-from workbench.ui.live import save_spec_png
+from workbench.notebook import has_frontend
+from workbench.charts import save_png
+from workbench.steps.reweight.curves import weight_curve
+from workbench.ui.live import enable_offline
 from workbench.ui.params import param_widget
 
 Y_DOMAIN = (-0.5, 3.5)  # weights outside are clipped in the drawing (the frame keeps them)
@@ -42,8 +44,6 @@ def separable(name: str, params: dict[str, Any], ratios: torch.Tensor, probes: i
     covariance rank, an adaptive bound) changes with the batch's composition. Returns (answer,
     the batched curves): a separable objective costs 6 batched calls per sign + ``probes`` single ones.
     """
-    from workbench.steps.reweight.curves import weight_curve
-
     n = len(ratios)
     subsets = [torch.arange(0, n, 2), torch.arange(1, n, 2), torch.arange(0, n // 2), torch.arange(n // 2, n)]
     probe = torch.linspace(0, n - 1, probes).round().long().unique()
@@ -62,8 +62,6 @@ def separable(name: str, params: dict[str, Any], ratios: torch.Tensor, probes: i
 
 
 def curves_for(name: str, ratios: torch.Tensor, params: dict[str, Any], batched: bool) -> dict[int, torch.Tensor]:
-    from workbench.steps.reweight.curves import weight_curve
-
     return {s: weight_curve(name, ratios, s, batched=batched, **params) for s in (1, -1)}
 
 
@@ -161,7 +159,6 @@ class CurveExplorer:
 
     def weight_at(self, name: str, ratio: float, sign: int) -> float:
         """w(ratio) of ``name`` for advantage sign ``sign`` with the current parameters."""
-        from workbench.steps.reweight.curves import weight_curve
 
         return float(weight_curve(name, torch.tensor([ratio], dtype=torch.float64), sign, **self.params[name])[0])
 
@@ -191,13 +188,12 @@ class CurveExplorer:
         return curves_spec(self.frame(), self.objectives, self.params, columns=self.columns)
 
     def save_png(self, path: str | Path) -> Path:
-        return save_spec_png(self.spec(), path)
+        return save_png(self.spec(), path)
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self) -> None:
         import ipywidgets as W
 
-        from workbench.ui.live import enable_offline
 
         enable_offline()
         import altair as alt

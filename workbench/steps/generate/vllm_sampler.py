@@ -59,9 +59,9 @@ from typing import Any, Callable
 
 import torch
 
+from workbench.cache import cache_root
 from workbench.errors import WorkbenchError, bad_value
 from workbench.policy.model import save_policy
-from workbench.policy.warm_start import cache_root
 from workbench.rollouts import Rollouts
 from workbench.steps.generate.sampler import SamplingParams, build_rollouts, check_generate_args, encode_prompts
 from workbench.tasks import Example

@@ -6,11 +6,13 @@
 
 ``OBJECTIVES`` is the registry of objectives (names, papers, ``Param`` lists, presets, default
 aggregation); ``register_objective`` adds one; ``aggregate`` / ``AGGREGATIONS`` are the shared loss
-reductions (objectives.md 2.16); ``validate_params`` / ``objective_defaults`` serve the config layer.
-See ``core`` for the contract and the diagnostics, ``objectives`` for the catalogue and papers,
-``corrections`` for TIS / MIS / Geo-RS / k1-k3 rejection on top of any objective (bypass or
-decoupled, ``policy_loss(..., correction=...)``) and ``curves`` for each objective's gradient weight
-as a function of the ratio (``weight_curve``).
+reductions (docs/design.md, "Aggregation"); ``validate_params`` / ``objective_defaults`` serve the
+config layer. See ``loss`` and ``inputs`` for the contract
+(docs/design.md, "The reweight contract"), ``core`` for the registry, ``diagnostics`` for the
+shared metrics, ``objectives`` for the catalogue and papers, ``corrections`` for TIS / MIS /
+Geo-RS / k1-k3 rejection on top of any objective (bypass or decoupled,
+``policy_loss(..., correction=...)``) and ``curves`` for each objective's gradient weight as a
+function of the ratio (``weight_curve``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Objectives whose constraint adapts every update: BAPO's bounds and R2VPO's dual variable.
 
 ``bapo`` (Xi et al. 2025, BAPO: Balanced Policy Optimization with Adaptive Clipping,
-arXiv:2510.18927; objectives.md 3.2). PPO-clip with explicit ratio bounds [c_low, c_high] and
+arXiv:2510.18927). PPO-clip with explicit ratio bounds [c_low, c_high] and
 dual-clip c (the released code applies it), the bounds re-chosen at every call so that the share
 of the loss that comes from positive tokens reaches rho0: rho = pos / (pos + neg) with token
 contributions (w_t a token weight, below)
@@ -23,7 +23,7 @@ Search: start at (c_low, c_high) = (a-, a+); ``order="high_first"`` (paper) rais
 c = min(c + step, max); the search stops at the first bounds with rho >= rho0 (or when both are at
 their maxima). rho is undefined when pos + neg = 0 (no non-zero advantage): no search.
 
-Choices where the sources disagree (objectives.md section 6), all parameters:
+Choices where the sources (paper, README, released code, summaries) disagree, all parameters:
 - ``rho0`` = 0.5 (README; a summary says 0.4). The released code compares pos/neg with a target t
   (default 1.0, example 0.5): pos/neg >= t is rho >= t / (1 + t), so t = 1 is rho0 = 0.5.
 - ``order``: default "high_first" (paper), "low_first" (code).
@@ -40,8 +40,8 @@ c = ``clip_c`` = 3 as in the code). Gradient w.r.t. logp: -r A, 0 where clipped.
 Metrics: ``bapo/clip_low``, ``bapo/clip_high``, ``bapo/pos_share`` (rho at the chosen bounds, NaN if
 undefined), ``bapo/target_met`` (1 if rho >= rho0), and the clip fractions of ``dual_clip``.
 
-``r2vpo`` (Luo et al. 2026, Ratio-Variance Regularized Policy Optimization, arXiv:2601.03320;
-objectives.md 3.5). Replace hard clipping by a penalty on the spread of the ratio:
+``r2vpo`` (Luo et al. 2026, Ratio-Variance Regularized Policy Optimization, arXiv:2601.03320).
+Replace hard clipping by a penalty on the spread of the ratio:
 
 - ``variant="dual"`` (the paper's primal-dual idea; exact form not published, our reading):
   max E[r A] - lambda (V(r) - delta) with V the penalised moment and dual ascent
@@ -215,10 +215,7 @@ def bapo(inp: LossInputs, rho0: float, low_start: float, low_max: float, step_lo
         "bapo/clip_high": c_high,
         "bapo/pos_share": share,
         "bapo/target_met": 1.0 if (math.isnan(share) or share >= rho0) else 0.0,
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac_dual": inp.frac(dual),
-        "offpolicy/clipfrac": inp.frac(low | high | dual),
+        **inp.clip_fractions(low, high, dual),
     })
 
 

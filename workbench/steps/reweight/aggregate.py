@@ -1,4 +1,6 @@
-"""The one shared loss aggregation: per-token losses [B, T] -> a scalar (objectives.md 2.16).
+"""The one shared loss aggregation: per-token losses [B, T] -> a scalar.
+
+In context: docs/design.md, "Aggregation".
 
 Every objective returns a per-token loss; ``aggregate`` turns it into the scalar that is
 backpropagated. The four modes follow verl's ``agg_loss`` names and formulas:
@@ -10,7 +12,7 @@ backpropagated. The four modes follow verl's ``agg_loss`` names and formulas:
   GSPO arXiv:2507.18071 and SAPO arXiv:2511.20347 use it).
 - ``seq-mean-token-sum-norm``: sum_{i,t} m L / L_norm with L_norm = ``loss_scale_factor``
   (default: T, the mask width). Dr. GRPO's constant normaliser (arXiv:2503.20783). As in
-  objectives.md 2.16 (and verl) the sum is *not* divided by the number of sequences; pass
+  verl the sum is *not* divided by the number of sequences; pass
   ``loss_scale_factor = B * L_max`` for Dr. GRPO's (1/G) sum_i form.
 
 ``m`` is the response mask, and it is the normaliser: an objective that masks a token (M2PO,

@@ -1,7 +1,7 @@
 """CHORD: SFT on expert demonstrations mixed into RL with a scheduled weight mu and the phi token weight.
 
 Paper: "On-Policy RL Meets Off-Policy Experts: Harmonizing SFT and RL via Dynamic Weighting" (CHORD),
-arXiv:2508.11408 (objectives.md 3.16; code Trinity-RFT ``mix_chord``, ``chord_policy_loss.py``):
+arXiv:2508.11408 (code Trinity-RFT ``mix_chord``, ``chord_policy_loss.py``):
 
     L = (1 - mu(step)) L_GRPO(on-policy batch) + mu(step) L_SFT(expert batch)
 
@@ -99,7 +99,5 @@ def chord(inp: LossInputs, mu_warmup: float, mu_decay: float, mu_peak: float, mu
         "chord/mu": mu,
         "chord/sft_loss": sft.detach(),
         "chord/expert_tokens": float(n_e),
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
     }, extra_loss=mu * sft.to(inp.logprobs.dtype))

@@ -18,14 +18,12 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from workbench.errors import WorkbenchError
 from workbench.registry import Registry
 from workbench.steps.reweight.aggregate import check_aggregation
-
-if TYPE_CHECKING:
-    from workbench.steps.reweight.inputs import LossInputs, LossOutput
+from workbench.steps.reweight.inputs import LossInputs, LossOutput
 
 OBJECTIVES: Registry[Callable[..., "LossOutput"]] = Registry("objective")
 

@@ -1,4 +1,4 @@
-"""Mismatch and staleness corrections usable on top of ANY objective (objectives.md 2.10, 2.11).
+"""Mismatch and staleness corrections on top of ANY objective (docs/design.md, "The reweight contract").
 
 A ``Correction`` reweights and/or rejects tokens *after* the objective computed its per-token
 loss: ``L'_t = keep_t * w_t * L_t`` with ``w`` a detached importance weight and ``keep`` a
@@ -6,7 +6,7 @@ rejection mask. Pass it to ``policy_loss(..., correction=...)`` as a ``Correctio
 (``"seq_mis"``), or a dict of ``Correction`` fields optionally naming a base preset
 (``{"preset": "token_tis", "cap": 3.0}``); ``None`` (default) applies nothing.
 
-Which policies (DESIGN.md section 4; verl rollout correction, AReaL arXiv:2505.24298):
+Which policies (docs/design.md, "The reweight contract"; verl rollout correction, AReaL arXiv:2505.24298):
 
 - **bypass** (two policies; ``prox_logprobs`` not given): rho = pi_theta / mu, computed from the
   current log-probs (detached) and the behaviour (sampler) log-probs. The objective's own ratio is
@@ -41,8 +41,8 @@ richardli.xyz/rl-collapse):
   bound. Compared in log space. verl's k1 statistic is -log rho, i.e. its bounds apply to mu/pi;
   for reciprocal bounds (0.5/2) the two agree, for Geo-RS's 0.999/1.001 up to 1e-6.
 - ``*_k2`` / ``*_k3``: k2_t = l_t^2 / 2, k3_t = rho_t - 1 - l_t (Schulman's estimators of
-  KL(mu || pi), objectives.md 2.13), per token (``token_*``), summed (``seq_sum_*``), averaged
-  (``seq_mean_*``) or maxed (``seq_max_*``) over the row; keep iff statistic <= ``reject_high``.
+  KL(mu || pi), http://joschu.net/blog/kl-approx.html), per token (``token_*``), summed
+  (``seq_sum_*``), averaged (``seq_mean_*``) or maxed (``seq_max_*``) over the row; keep iff statistic <= ``reject_high``.
 
 Presets (verl ``RolloutCorrectionConfig``, AReaL ``cli_args``), see ``PRESETS``:
 ``token_tis`` (token, C = 2), ``seq_tis`` (sequence, C = 2), ``token_mis`` (token weight C = 2 +
@@ -64,8 +64,8 @@ rho) and ``rho_seq_mean`` / ``rho_seq_max`` / ``rho_seq_q95`` (sequence product 
 (sum a)^2 / (N sum a^2) of the applied weights a (0 when every token is rejected). Statistics are
 NaN when there is no valid token; fractions are 0.
 
-``loglinear_proximal`` is AReaL's approximation of pi_prox without a forward pass (objectives.md
-2.10): log pi_prox = log mu + alpha (log pi_theta - log mu), detached, with
+``loglinear_proximal`` is AReaL's approximation of pi_prox without a forward pass (arXiv:2505.24298):
+log pi_prox = log mu + alpha (log pi_theta - log mu), detached, with
 alpha = (v_prox - v_behav) / (v_theta - v_behav) per sequence.
 
 Left out: several rejection criteria at once (verl's comma lists; chain two corrections by

@@ -1,7 +1,7 @@
 """Clip-Cov and KL-Cov: act on the few tokens whose covariance of (logp, A) drives entropy down.
 
 Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models",
-arXiv:2505.22617 (objectives.md 3.8; code ``PRIME-RL/Entropy-Mechanism-of-RL``, merged into verl as
+arXiv:2505.22617 (code ``PRIME-RL/Entropy-Mechanism-of-RL``, merged into verl as
 ``loss_mode: clip_cov | kl_cov``). Token covariance over the batch's valid tokens:
 
     Cov_t = (logp_t - mean logp) (A_t - mean A)
@@ -97,9 +97,7 @@ def clip_cov(inp: LossInputs, clip_low: float, clip_high: float, select_ratio: f
     return LossOutput(loss, {
         "clipcov/selected_frac": frac,
         "offpolicy/masked_frac": frac,
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
     })
 
 

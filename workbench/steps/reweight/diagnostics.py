@@ -53,9 +53,9 @@ def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor) -> dict[str, Any]
         for q, v in zip(_QUANTILES, vals):
             out[f"offpolicy/ratio_{sign}_q{round(q * 100):02d}"] = v
     out["offpolicy/m2"] = (lr * lr).mean()
-    out["offpolicy/ess_token"] = ess(lr)
+    out["offpolicy/ess_token"] = effective_sample_size(lr)
     seq_lw = inp.seq_sum(inp.log_ratio.detach()).double()[inp.seq_lengths > 0]  # [B']
-    out["offpolicy/ess_seq"] = ess(seq_lw)
+    out["offpolicy/ess_seq"] = effective_sample_size(seq_lw)
     out["offpolicy/kl_k1"] = (-lr).mean()
     out["offpolicy/kl_k3"] = (r - 1.0 - lr).mean()
     out["offpolicy/chi2_token"] = (r * r).mean() - 1.0
@@ -65,7 +65,7 @@ def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor) -> dict[str, Any]
     return out
 
 
-def ess(log_w: torch.Tensor) -> torch.Tensor:
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
     """(sum w)^2 / (N sum w^2) from log-weights, shifted by the max so nothing overflows."""
     w = torch.exp(log_w - log_w.max())  # [N], max weight 1
     return w.sum() ** 2 / (log_w.numel() * (w * w).sum())
@@ -82,4 +82,4 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: out[k] for k in metrics}
 
 
-__all__ = ["diagnostics", "ess", "to_floats"]
+__all__ = ["diagnostics", "effective_sample_size", "to_floats"]

@@ -55,6 +55,19 @@ class LossInputs:
         """Fraction of valid tokens where ``cond [B, T]`` holds (0 when there are none)."""
         return (cond & self.mask).sum().double() / self.n_valid.clamp(min=1).double()
 
+    def clip_fractions(self, low: torch.Tensor, high: torch.Tensor, dual: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """The clip metrics every clipping objective reports, from its [B, T] clip masks:
+        ``offpolicy/clipfrac_low`` (clipped at the lower bound), ``offpolicy/clipfrac_high`` (upper),
+        ``offpolicy/clipfrac_dual`` (dual clip, when given) and ``offpolicy/clipfrac`` (any of them)."""
+        out = {"offpolicy/clipfrac_low": self.frac(low), "offpolicy/clipfrac_high": self.frac(high)}
+        if dual is None:
+            out["offpolicy/clipfrac"] = self.frac(low | high)
+        else:
+            out["offpolicy/clipfrac_dual"] = self.frac(dual)
+            out["offpolicy/clipfrac"] = self.frac(low | high | dual)
+        return out
+
 
 @dataclass
 class LossOutput:

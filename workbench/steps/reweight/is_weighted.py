@@ -1,7 +1,7 @@
 """Stop-gradient weighted policy gradients: TIS, CISPO, TOPR.
 
 All three are REINFORCE with a detached, bounded importance weight: L_t = -sg[w_t] A_t logp_t, so
-every token keeps a gradient of -w_t A_t (objectives.md 0, 2.9, 2.11, 3.3):
+every token keeps a gradient of -w_t A_t:
 
 - ``tis``: truncated importance sampling, w = min(rho, C) with rho = r_t (``level="token"``) or
   rho = prod_t r_t = exp(sum_t log r_t) broadcast over the row (``level="sequence"``), C = 2.0
@@ -17,16 +17,17 @@ every token keeps a gradient of -w_t A_t (objectives.md 0, 2.9, 2.11, 3.3):
   exp(mean_t log r_t) of the verl/ROLL variants. The paper uses A = R (+1/-1, no baseline); here
   A is whatever the advantage estimator produced.
 
-``truncated_is_weight`` is the reusable weight computation (a later issue applies TIS/MIS as a
-correction on top of any objective). Sequence log-weights are safety-clamped to +-20 (verl clamps
+``truncated_is_weight`` is the reusable weight computation (``corrections`` applies it as TIS/MIS
+on top of any objective). Sequence log-weights are safety-clamped to +-20 (verl clamps
 all weights to exp(+-20)) before exponentiation.
 
 ``offpolicy/truncated_frac`` = fraction of valid tokens whose weight differs from the raw ratio
 because of truncation (for TOPR, a side whose bounds are equal uses a constant weight by design
 and is not counted). These objectives never zero a gradient: clipfrac = masked_frac = 0.
 
-Left out: MIS / rejection (masking) variants, batch renormalisation of the weights, the decoupled
-three-policy form (rho = pi_old / pi_rollout); they come with the correction issue.
+Left out here: MIS / rejection (masking) variants, batch renormalisation of the weights and the
+decoupled three-policy form (rho = pi_prox / mu): ``corrections`` provides them on top of any
+objective (``policy_loss(..., correction=...)``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """M2PO: second-moment trust policy optimisation (Zheng, Zhao, Chen 2025, arXiv:2510.01161).
 
-Objective (objectives.md 3.1): L_t = -M_t r_t A_t with M in {0, 1}, aggregated token-mean with
+Objective (docs/objectives.md#m2po): L_t = -M_t r_t A_t with M in {0, 1}, aggregated token-mean with
 the masked tokens still in the normaliser (footnote 2). There is no epsilon-clip. The mask M
 keeps the second moment of the log-ratio on the "trust-region" tokens small:
 

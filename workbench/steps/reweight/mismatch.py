@@ -1,9 +1,9 @@
 """Sampler-vs-trainer mismatch, and the split of the objective's log-ratio into drift and mismatch.
 
-Three policies meet in an update (DESIGN.md section 4): the behaviour policy mu (the sampler: an
-engine with its own kernels and dtype, at version v_b), the trainer at that same version
-pi_gen = pi_{theta_{v_b}} (same weights as mu, the trainer's kernels), and the current trainer
-pi_theta. Per sampled token the log-ratio the objective sees splits exactly:
+Three policies meet in an update (docs/design.md, "Staleness and the behaviour policy"): the
+behaviour policy mu (the sampler: an engine with its own kernels and dtype, at version v_b), the
+trainer at that same version pi_gen = pi_{theta_{v_b}} (same weights as mu, the trainer's
+kernels), and the current trainer pi_theta. Per sampled token the log-ratio the objective sees splits exactly:
 
     log pi_theta - log mu  =  (log pi_theta - log pi_gen)  +  (log pi_gen - log mu)
          total                    policy drift                   engine mismatch
@@ -18,7 +18,7 @@ Where log pi_gen comes from. A batch consumed by an update that starts at its ge
 log pi_gen, drift is exactly 0 and ``metrics`` uses them. A batch consumed later (staleness > 0,
 ``sync_every`` > 1, several updates per batch) gets ``attach_trainer_logprobs`` right after
 generation, when the trainer holds exactly the generating weights (always true in workbench: the
-buffer generates every batch with the current weights and delays it, DESIGN.md section 4): one
+buffer generates every batch with the current weights and delays it, ``workbench.steps.buffer``): one
 no-grad forward stores log pi_gen as ``Rollouts.trainer_logprobs`` (kept through the buffer and
 checkpoints). The loop does that when ``RunConfig.measure_mismatch`` (default on; measured on the
 default model, 256 sequences: ~0.3 s per generated batch on one CPU thread, about a quarter of a
@@ -38,8 +38,8 @@ clamped to exp(+-20)):
                                             exp(mean_t (log mu - log pi_gen)) (verl's ppl ratio)
     mismatch/engine_share                   engine_m2 / (drift_m2 + engine_m2): which source the
                                             objective is fighting (nan when both are 0)
-Engine-vs-trainer numbers (``mismatch/engine_*``) are the "max/mean |delta logp|, k3 KL,
-perplexity ratio, token chi^2" of objectives.md section 5 item 7.
+Engine-vs-trainer numbers (``mismatch/engine_*``) are the usual sampler-vs-trainer measures: max/mean
+|delta logp|, k3 KL, perplexity ratio, token chi^2 (docs/design.md, "Diagnostics").
 
 Left out: per-staleness breakdowns, sequence-level chi^2, histograms.
 """
@@ -50,6 +50,7 @@ import torch
 
 from workbench.policy.logprobs import frozen_logprobs
 from workbench.rollouts import Rollouts
+from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
 
 COMPONENTS = ("total", "drift", "engine")
 
@@ -82,7 +83,7 @@ def _stats(x: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     v = x[valid]  # [n] float64
     if v.numel() == 0:
         return {k: float("nan") for k in ("mean", "abs_mean", "abs_max", "m2", "k3", "chi2")}
-    xc = v.clamp(-20.0, 20.0)
+    xc = v.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     rho = xc.exp()
     return {
         "mean": float(v.mean()),
@@ -116,7 +117,7 @@ def metrics(logprobs: torch.Tensor, batch: Rollouts, policy_version: int | None 
     has = lengths > 0
     if bool(has.any()):
         seq_mean = (-parts["engine"]).sum(-1)[has] / lengths[has]  # [b] mean_t (log mu - log pi_gen)
-        out["mismatch/engine_ppl_ratio"] = float(seq_mean.clamp(-20.0, 20.0).exp().mean())
+        out["mismatch/engine_ppl_ratio"] = float(seq_mean.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp().mean())
     else:
         out["mismatch/engine_ppl_ratio"] = float("nan")
     denom = out["mismatch/drift_m2"] + out["mismatch/engine_m2"]

@@ -10,13 +10,14 @@ family modules so each stays short:
   (TIS: fengyao.notion.site/off-policy-rl; arXiv:2506.13585, 2503.14286).
 - ``sequence_level``: ``gspo``, ``gspo_token``, ``geo_mean`` (arXiv:2507.18071, 2507.20673).
 - ``m2po``: ``m2po`` and the reusable ``m2po_mask`` (arXiv:2510.01161).
-- seed methods (objectives.md 3.2-3.24): ``adaptive`` (``bapo``, ``r2vpo``), ``smooth`` (``mhpo``,
+- further methods: ``adaptive`` (``bapo``, ``r2vpo``), ``smooth`` (``mhpo``,
   ``ips_alpha``, ``gbpo``), ``rec``, ``covariance`` (``clip_cov``, ``kl_cov``), ``trajectory`` (``tb``),
   ``chord``. Some need ``policy_loss(..., context=...)`` (metadata ``needs``; see ``context``).
 
-Formulas are from objectives.md (sections 2.1-2.12, 3.1, 3.3); each function's docstring states
-its per-token loss and gradient. Left out for later issues: BAPO adaptive bounds, REC, Clip-Cov /
-KL-Cov, MHPO, R2VPO, the decoupled behaviour weight and TIS/MIS as a correction on any objective.
+Each family's docstring cites its papers and states every objective's per-token loss and gradient;
+docs/objectives.md (generated from this registry) lists each objective's parameters. The behaviour
+corrections (TIS / MIS / rejection, bypass or decoupled) are not objectives: ``corrections`` applies
+them on top of any objective.
 """
 
 from __future__ import annotations

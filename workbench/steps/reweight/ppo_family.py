@@ -1,8 +1,7 @@
 """Token-level ratio objectives: REINFORCE, plain IS, PPO-clip, dual-clip PPO, SAPO.
 
 Each objective maps ``LossInputs`` (ratio r = pi_theta / anchor per token, advantages A [B, T])
-to a per-token loss; ``policy_loss`` aggregates it. Formulas are those of objectives.md
-sections 2.1, 2.2, 2.12:
+to a per-token loss; ``policy_loss`` aggregates it. Formulas, each with its paper:
 
 - ``reinforce``: L = -A logp (no importance weight; Williams 1992). Gradient -A.
 - ``is``: L = -r A (unclipped importance-sampled surrogate). Gradient -r A.
@@ -21,7 +20,7 @@ Clip metrics: ``offpolicy/clipfrac_low`` (A < 0 and r < 1 - clip_low), ``offpoli
 because of clipping.
 
 Left out: value-function clipping (no critic here), KL penalties (the update step adds them),
-adaptive bounds (BAPO, later).
+adaptive bounds (``bapo``, in ``adaptive``).
 """
 
 from __future__ import annotations
@@ -97,9 +96,7 @@ def ppo_clip(inp: LossInputs, clip_low: float, clip_high: float) -> LossOutput:
     """
     loss, low, high = clipped_surrogate(inp.ratio, inp.advantages, clip_low, clip_high)
     return LossOutput(loss, {
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
     })
 
 
@@ -130,10 +127,7 @@ def dual_clip(inp: LossInputs, clip_low: float, clip_high: float, clip_c: float)
     loss = torch.where(neg, torch.minimum(loss, -clip_c * adv), loss)  # [B, T]
     dual = neg & (inp.ratio.detach() > clip_c)  # [B, T]
     return LossOutput(loss, {
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac_dual": inp.frac(dual),
-        "offpolicy/clipfrac": inp.frac(low | high | dual),
+        **inp.clip_fractions(low, high, dual),
     })
 
 

@@ -1,7 +1,7 @@
 """REC: group-relative REINFORCE with an explicit clip mask, weight and regulariser.
 
 Yao, Chen et al. 2025, "Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm",
-arXiv:2509.24203 (objectives.md 3.6; Trinity-RFT ``RECPolicyLossFn``). With r = exp(logp - log anchor)
+arXiv:2509.24203 (Trinity-RFT ``RECPolicyLossFn``). With r = exp(logp - log anchor)
 *detached*:
 
     L_t = -A_t w_t logp_t M_t + reg_t

@@ -1,6 +1,6 @@
 """Sequence-level ratio objectives: GSPO, GSPO-token, GMPO (geo_mean).
 
-Formulas from objectives.md 2.8:
+Formulas (each with its paper):
 
 - ``gspo`` (Zheng et al. 2025, arXiv:2507.18071): s_i = exp((1/|y_i|) sum_t log r_t) over the
   row's valid tokens; L_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i), broadcast
@@ -65,9 +65,7 @@ def gspo(inp: LossInputs, clip_low: float, clip_high: float) -> LossOutput:
     like = inp.log_ratio
     low, high = _broadcast(low, like), _broadcast(high, like)  # [B, T]
     return LossOutput(_broadcast(loss, like), {  # [B, T]
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
         "gspo/seq_ratio_mean": _row_mean(s.detach(), inp),
     })
 
@@ -87,9 +85,7 @@ def gspo_token(inp: LossInputs, clip_low: float, clip_high: float) -> LossOutput
     s_tok = torch.exp(_broadcast(log_s, lr) + lr - lr.detach())  # [B, T], value s_i
     loss, low, high = clipped_surrogate(s_tok, inp.advantages, clip_low, clip_high)
     return LossOutput(loss, {
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
         "gspo/seq_ratio_mean": _row_mean(torch.exp(log_s), inp),
     })
 
@@ -117,9 +113,7 @@ def geo_mean(inp: LossInputs, clip_low: float, clip_high: float) -> LossOutput:
         low = (adv < 0) & (lr < -clip_low)  # [B, T]
         high = (adv > 0) & (lr > clip_high)  # [B, T]
     return LossOutput(_broadcast(loss, lr), {  # [B, T]
-        "offpolicy/clipfrac_low": inp.frac(low),
-        "offpolicy/clipfrac_high": inp.frac(high),
-        "offpolicy/clipfrac": inp.frac(low | high),
+        **inp.clip_fractions(low, high),
     })
 
 

@@ -1,7 +1,7 @@
 """Smooth and bounded ratio shaping: MHPO, IPS-alpha (exponential smoothing), GBPO.
 
 ``mhpo`` (Wang et al. 2026, MHPO: Modulated Hazard-aware Policy Optimization, arXiv:2603.16929;
-objectives.md 3.4; no official code, formula from a detailed summary and a third-party script):
+no official code, formula from a detailed summary and a third-party script):
 
     psi(r)  = c tanh(log r / c)                                   (Log-Fidelity Modulator)
     zeta(r) = (g(sg psi) / lam_pos)^k_pos + (g(-sg psi) / lam_neg)^k_neg   (Decoupled Hazard Penalty,
@@ -11,7 +11,7 @@ objectives.md 3.4; no official code, formula from a detailed summary and a third
 psi ~ log r near r = 1 and saturates at +-c, so the gradient multiplier exp(psi) sech^2(log r / c)
 is bounded by e^c; zeta is semi-gradient (it only rescales). Gradient w.r.t. logp:
 -exp(psi - zeta) sech^2(log r / c) A_t.
-Not pinned (objectives.md section 6), our choices:
+Not pinned by the sources, our choices:
 - ``hazard_gate`` g: "softplus" (default: the formula as written) gives zeta(1) = (ln 2/lam_pos)^k_pos
   + (ln 2/lam_neg)^k_neg, a constant down-scale exp(-zeta(1)) ~ 0.265 of every gradient at r = 1
   with the defaults (on-policy MHPO is then 0.265 x REINFORCE); "relu" (max(x, 0)) has zeta(1) = 0,
@@ -24,14 +24,14 @@ Metrics: ``mhpo/hazard_mean`` (mean zeta), ``mhpo/weight_mean`` (mean gradient m
 exp(psi - zeta) sech^2(log r / c)), over valid tokens.
 
 ``ips_alpha`` (Aouali, Brunel, Rohde, Korba 2023, Exponential Smoothing for Off-Policy Learning,
-arXiv:2305.15877; objectives.md 3.24): the estimator -(1/n) sum r_i pi(a_i) / pi_0(a_i)^alpha applied
+arXiv:2305.15877): the estimator -(1/n) sum r_i pi(a_i) / pi_0(a_i)^alpha applied
 per token: L_t = -w_t A_t with w_t = pi_theta(y_t) / mu(y_t)^alpha = exp(logp - alpha log mu)
 (log w clamped to +-20). alpha = 1 is plain IS (``is``), alpha = 0 is -pi A. Gradient -w_t A_t.
 Default alpha = 0.7 is ours (the paper tunes alpha with its PAC-Bayes bound). ``mu`` is the anchor
 (behaviour, or the proximal policy when given). Token level only (a sequence-level pi/mu^alpha
 over whole responses under- or overflows). Metrics ``ips_alpha/weight_mean``, ``ips_alpha/ess``.
 
-``gbpo`` (Ao et al. 2026, Bounded Ratio Reinforcement Learning, arXiv:2604.18578; objectives.md 3.14;
+``gbpo`` (Ao et al. 2026, Bounded Ratio Reinforcement Learning, arXiv:2604.18578;
 from the code README): a regression of the ratio onto a bounded target chosen by the sequence score:
 
     scale_i  = sigmoid((score_i - median_{j in group(i)} score_j) / T)
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from workbench.errors import WorkbenchError
 from workbench.steps.reweight.context import group_index, group_median, row_values
 from workbench.steps.reweight.core import Param, register_objective
+from workbench.steps.reweight.diagnostics import effective_sample_size
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP, LossInputs, LossOutput
 
 
@@ -127,9 +128,7 @@ def ips_alpha(inp: LossInputs, alpha: float) -> LossOutput:
     with torch.no_grad():
         vals = w.detach()[inp.mask].double()  # [N]
         if vals.numel():
-            lw = log_w.detach()[inp.mask].double()
-            ww = torch.exp(lw - lw.max())
-            ess = ww.sum() ** 2 / (vals.numel() * (ww * ww).sum())
+            ess = effective_sample_size(log_w.detach()[inp.mask].double())
         else:
             ess = math.nan
     return LossOutput(-w * inp.advantages, {  # [B, T]

@@ -2,7 +2,7 @@
 
 Target distribution pi*(y|x) proportional to pi_ref(y|x) exp(R(x, y) / beta). With the sequence
 log-ratio s_i = sum_t [log pi_theta(y_it) - log pi_ref(y_it)] over the row's valid tokens, the
-VarGrad loss (objectives.md 3.20; code ``bbartoldson/TBA`` ``tb_loss``) is
+VarGrad loss (code ``bbartoldson/TBA`` ``tb_loss``) is
 
     log Z_hat(x) = mean_{j in group(x)} (R_j / beta - s_j)          (per-prompt batch estimate)
     L_i          = (sg[log Z_hat(x_i)] + s_i - R_i / beta)^2
@@ -14,7 +14,7 @@ On-policy with pi_ref = the sampler it is REINFORCE with A_i = (R_i - mean R) / 
 (the paper: REINFORCE with A = (r - r_bar) - beta (KL - KL_bar), up to the factor 2 / beta).
 Valid off-policy: no importance ratio appears.
 
-Choices (objectives.md gives the form; TBA's code the rest):
+Choices (the paper gives the form; TBA's code the rest):
 - ``reference``: "ref" (default, the paper: a frozen reference policy, ``context["ref_logprobs"]``;
   the loop supplies it from the frozen initial model) or "anchor" (pi_ref = the behaviour/proximal
   policy: a KL-regularised step of size 1/beta away from the sampler, TBA's "reference reset" done at

@@ -1,0 +1,119 @@
+"""``run``, ``resume``, ``list``, ``lint``, ``docs`` and ``notebook``: one run, or the registries.
+
+``lint`` takes the same flags as ``run`` and prints ``workbench.lint`` warnings (``run`` prints them
+too, to stderr, before starting); ``docs`` regenerates ``docs/objectives.md`` from the registries
+(``--check`` only compares); ``notebook`` executes a notebook of ``notebooks/`` headless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from workbench import notebook
+from workbench.cli.config_flags import add_config_flags, config_from_args, registries_epilog
+from workbench.steps.reweight.reference import DOCS_PATH, objectives_markdown, write_docs
+from workbench.sweeps.grid import parse_value
+
+
+def add_parsers(sub) -> None:
+    """The subcommands of this module, in the order ``--help`` lists them."""
+    run_p = sub.add_parser("run", help="run one experiment headless", epilog=registries_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_p.add_argument("--config", help="a config.json to start from (flags override it)")
+    run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(run_p)
+    res_p = sub.add_parser("resume", help="continue a run directory from its latest checkpoint")
+    res_p.add_argument("run_dir")
+    res_p.add_argument("--steps", type=int, default=None, help="run until this many updates in total")
+    res_p.add_argument("--no-progress", action="store_true")
+    sub.add_parser("list", help="list objectives, advantage estimators, tasks and rewards")
+    lint_p = sub.add_parser("lint", help="warn about config combinations that probably do not do what was meant",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    lint_p.add_argument("--config", help="a config.json to start from (flags override it)")
+    lint_p.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
+    add_config_flags(lint_p)
+    docs_p = sub.add_parser("docs", help="write the objective reference docs/objectives.md from the registries")
+    docs_p.add_argument("--out", default=None, help="output path (default: the repository's docs/objectives.md)")
+    docs_p.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
+    nb_p = sub.add_parser("notebook", help="run a notebook of notebooks/ headless (papermill) with parameters")
+    nb_p.add_argument("notebook", help="a path, a stem or a number prefix (02)")
+    nb_p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                      help="a notebook parameter; VALUE is parsed as JSON, else kept as a string")
+    nb_p.add_argument("--params-file", default=None, help="YAML of parameters: all: + per notebook (notebooks/params/ci.yaml)")
+    nb_p.add_argument("--output", default=None, help="the executed notebook (default: <cwd>/<stem>.out.ipynb)")
+    nb_p.add_argument("--cwd", default=None, help="the kernel's working directory (run directories are relative to it)")
+
+
+def cli_main(args) -> int:
+    """One of this module's commands; returns the exit code (a ``WorkbenchError`` is the caller's: exit 2)."""
+    if args.command == "list":
+        print(registries_epilog())
+        return 0
+    if args.command == "docs":
+        return _docs(args)
+    if args.command == "notebook":
+        return _notebook(args)
+    if args.command == "lint":
+        warnings = _print_lint(config_from_args(args), sys.stdout)
+        if not warnings:
+            print("no lint warnings")
+        return 1 if (warnings and args.strict) else 0
+    from workbench.loop import Run  # transformers and the model code: only the commands that train load them
+
+    if args.command == "run":
+        config = config_from_args(args)
+        _print_lint(config, sys.stderr)
+        run = Run(config)
+        n = None
+    else:
+        run = Run.resume(args.run_dir)
+        n = (args.steps or run.config.steps) - run.version
+    print(f"run directory: {run.dir.path if run.dir else '(none)'}", flush=True)
+    run.run(n, progress=not args.no_progress)
+    _finish(run)
+    return 0
+
+
+def _print_lint(config, stream) -> list:
+    """Print the linter's notes (plain lines: deliberate choices) then its warnings; return the warnings."""
+    from workbench.lint import lint, notes
+
+    for line in notes(config):
+        print(line, file=stream, flush=True)
+    warnings = lint(config)
+    for w in warnings:
+        print(f"lint warning {w}", file=stream, flush=True)
+    return warnings
+
+
+def _docs(args) -> int:
+    path = Path(args.out) if args.out else DOCS_PATH
+    if args.check:
+        current = path.read_text() if path.exists() else ""
+        if current != objectives_markdown():
+            print(f"{path} is out of date: run python -m workbench docs", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    print(f"wrote {write_docs(path)}")
+    return 0
+
+
+def _finish(run) -> None:
+    summary = run.write_summary()
+    if run.dir is not None and len(run.rows):
+        from workbench.charts import run_chart, save_png  # altair and vl-convert: only once a run has rows
+
+        save_png(run_chart(run.metrics, title=run.dir.path.name), run.dir.path / "charts.png")
+    print(json.dumps(summary, indent=2))
+
+
+def _notebook(args) -> int:
+    params = {name: parse_value(value) for name, value in args.parameter}
+    summary = notebook.run_notebook(args.notebook, parameters=params, params_file=args.params_file,
+                                    output=args.output, cwd=args.cwd)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -1,0 +1,163 @@
+"""Where a sweep's cells run: in this process, on a local process pool, or on Ray.
+
+**Local pool** (default): ``ProcessPoolExecutor`` with the ``spawn`` start method, ``workers``
+processes (default: usable cores // ``threads_per_run``), each limited to ``threads_per_run``
+threads (``workbench.sweeps.worker``). A worker process that dies (out of memory, segfault) breaks
+the pool: the pool is rebuilt and the unfinished cells are resubmitted once, then reported failed.
+``workers=0`` runs the cells one after another in this process (debugging; no isolation).
+
+**Ray** (``ray="local"`` starts a local instance, ``"auto"`` connects to a running cluster or else
+starts a local one, anything else is a cluster address; an already initialised Ray is used as is):
+each cell is a task with ``num_cpus=threads_per_run``; the run's small files (config, metrics,
+summary, knob events) come back to the driver, which writes them into the sweep folder
+(checkpoints stay where the task ran: on a cluster without a shared filesystem, on the worker node).
+
+Every finished cell goes through ``finish``: its status, its error reported as one line, the bar.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.errors import WorkbenchError
+from workbench.sweeps.cells import CELL_FILE, Cell
+from workbench.sweeps.grid import one_line
+from workbench.sweeps.worker import init_worker, ray_task, run_cell
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over the cells, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # tqdm.auto probes for IPython and ipywidgets: only when a bar is shown
+
+    return tqdm(total=total, initial=initial, unit="run", desc="sweep")
+
+
+def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None]) -> None:
+    """Record a cell's result (and, from Ray, write its files), report a failure, advance the bar."""
+    cell.status, cell.error, cell.seconds = result["status"], result.get("error"), result.get("seconds")
+    files = result.get("files") or {}
+    if files:
+        _write_back(cell.run_dir, files)
+    if cell.status != "ok":
+        msg = f"failed {cell.name}: {cell.error}"
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            log(msg)
+    if bar is not None:
+        bar.update(1)
+
+
+def run_serial(cells: list[Cell], bar, log: Callable[[str], None]) -> None:
+    """``workers=0``: one after another in this process."""
+    for c in cells:
+        finish(c, run_cell(c.spec, str(c.run_dir), None), bar, log)
+
+
+def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[str], None]) -> None:
+    """Spawned worker processes; a dead worker breaks the pool: rebuild it, resubmit unfinished cells once.
+
+    When every result is in, the pool is shut down without waiting for the workers' interpreters to
+    tear down (results are already written; the processes exit on their own)."""
+    pending = list(cells)
+    attempts = {c.index: 0 for c in cells}
+    while pending:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=mp.get_context("spawn"),
+                                   initializer=init_worker, initargs=(threads,))
+        broken: list[Cell] = []
+        try:
+            futures = {pool.submit(run_cell, c.spec, str(c.run_dir), threads): c for c in pending}
+            for c in pending:
+                attempts[c.index] += 1
+            for fut in as_completed(futures):
+                c = futures[fut]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    broken.append(c)
+                    continue
+                finish(c, result, bar, log)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=bool(broken))
+        pending = [c for c in broken if attempts[c.index] < 2]
+        for c in broken:
+            if attempts[c.index] >= 2:
+                finish(c, {"status": "failed", "error": "worker process died twice (BrokenProcessPool: out of "
+                           "memory, a crash, or a script without an if __name__ == '__main__' guard)"}, bar, log)
+        if pending:
+            log(f"a worker process died: restarting the pool for {len(pending)} unfinished runs")
+
+
+def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, bar,
+            log: Callable[[str], None]) -> None:
+    """Each cell a Ray task; at most ``workers`` in flight (None: all)."""
+    try:
+        import ray as ray_mod  # an optional extra: only Ray sweeps need it
+    except ImportError:
+        raise WorkbenchError("ray is not installed: pip install 'workbench[ray]'") from None
+    started = False
+    if not ray_mod.is_initialized():
+        started = True
+        if address == "local":
+            ray_mod.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
+        elif address == "auto":
+            try:
+                ray_mod.init(address="auto", log_to_driver=False)
+            except ConnectionError:
+                log("ray: no running cluster found, starting a local instance")
+                ray_mod.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
+        else:
+            ray_mod.init(address=address, log_to_driver=False)
+    try:
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+               "POLARS_MAX_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        task = ray_mod.remote(ray_task).options(num_cpus=threads, runtime_env={"env_vars": env})
+        queue = list(cells)
+        inflight: dict[Any, Cell] = {}
+        limit = workers or len(cells)
+        while queue or inflight:
+            while queue and len(inflight) < limit:
+                c = queue.pop(0)
+                inflight[task.remote(c.spec, str(c.run_dir), threads)] = c
+            ready, _ = ray_mod.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                c = inflight.pop(ref)
+                try:
+                    result = ray_mod.get(ref)
+                except Exception as e:  # noqa: BLE001 - worker crash, lost node: report, go on
+                    result = {"status": "failed", "error": one_line(e)}
+                finish(c, result, bar, log)
+    finally:
+        if started:
+            ray_mod.shutdown()
+
+
+def _write_back(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Driver side of a Ray task: write the returned files unless this filesystem already has them.
+
+    ``sweep_cell.json`` goes last: it is what marks the cell complete."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda n: n == CELL_FILE):
+        p = run_dir / name
+        if p.is_file() and p.read_bytes() == files[name]:
+            continue
+        tmp = p.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_bytes(files[name])
+        os.replace(tmp, p)

@@ -1,0 +1,143 @@
+"""``sweep``: build the cells, skip the complete ones, run the rest, merge; the driver side of a sweep.
+
+**Where things go.** ``<base.out_dir>/<name>/`` (``name`` defaults to ``sweep-<hash>`` of the base
+config, grid, seeds and notebook, so re-running the same command finds the same folder):
+``sweep.json`` (the spec), ``runs/<cell>/`` (one ordinary run directory per cell, plus
+``sweep_cell.json``, written last, when the cell succeeded), ``sweep.parquet`` and
+``sweep_runs.parquet`` (``workbench.sweeps.results``).
+
+**Resumable.** Re-running a sweep skips complete cells (``workbench.sweeps.cells.is_complete``);
+an interrupted run cell continues from its latest checkpoint (``workbench.sweeps.worker``).
+
+**Warm starts.** The built-in model's warm start is trained (or found) once here, before fanning
+out. The sweep cannot know which model a notebook builds, so it prepares no warm start for it:
+parallel first runs of the built-in model may each train it once (safe: the cache entry is renamed
+into place).
+
+**Failures.** A cell that raises is reported (one line: ``ExceptionType: first line``) and the rest
+go on. ``sweep`` returns normally; the CLI exits 1 when a cell failed.
+
+**Determinism.** A cell's metrics depend only on its config and its thread count, never on the
+worker it ran in or on the other cells: the same sweep twice gives identical ``sweep.parquet``
+metric columns (the ``perf/`` wall-clock columns excepted).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
+from workbench.sweeps.backends import progress_bar, run_pool, run_ray, run_serial, usable_cores
+from workbench.sweeps.cells import MERGED_FILE, SPEC_FILE, Cell, build_cells, is_complete
+from workbench.sweeps.grid import RESERVED, canon, describe, one_line, short_hash
+from workbench.sweeps.results import merge, write_results
+from workbench.sweeps.worker import warm_locked
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+def sweep(base: RunConfig, grid: dict[str, list[Any]], seeds: int | list[int] | None = None, *,
+          notebook: str | Path | None = None, params_file: str | Path | None = None,
+          ray: str | None = None, workers: int | None = None,
+          threads_per_run: int | None = None, name: str | None = None, sweep_dir: str | Path | None = None,
+          progress: bool = True, log: Callable[[str], None] = print) -> "pl.DataFrame":
+    """Run every cell of ``grid`` x ``seeds`` over ``base``; returns the merged ``sweep.parquet``.
+
+    ``seeds``: an int n (seeds ``base.seed .. base.seed + n - 1``), a list of seeds, or None (just
+    ``base.seed``). ``notebook``: run each cell as a headless notebook instead of ``Run``
+    (``params_file``: a YAML of notebook parameters under the cell's, as ``run_notebook``). ``ray``:
+    ``"local"``, ``"auto"`` or a cluster address (None = local process pool). ``workers``: parallel
+    cells (default: usable cores // threads_per_run on the pool, unlimited on Ray; 0 = in this
+    process, serially). ``threads_per_run``: torch threads per cell (default ``base.threads`` or 1).
+    ``sweep_dir`` (default ``<base.out_dir or "runs">/<name>``) holds everything (module docstring).
+    """
+    from workbench.runs.rundir import atomic_write_text  # torch and polars: never at module level here
+
+    if threads_per_run is None:
+        threads_per_run = base.threads or 1
+    if not isinstance(threads_per_run, int) or threads_per_run < 1:
+        raise WorkbenchError(f"threads_per_run={threads_per_run!r} is invalid: expected an int >= 1")
+    if base.threads and base.threads != threads_per_run:
+        raise WorkbenchError(f"threads={base.threads} and threads_per_run={threads_per_run} disagree: "
+                             "give only --threads-per-run")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise WorkbenchError(f"workers={workers!r} is invalid: expected an int >= 0 (0 = in this process)")
+    if ray is not None and workers == 0:
+        raise WorkbenchError("workers=0 (in this process) cannot be combined with ray")
+    name = name or default_name(base, grid, seeds, [str(notebook), str(params_file)] if notebook else None)
+    if not re.fullmatch(r"[A-Za-z0-9._=+\-]+", name):
+        raise WorkbenchError(f"name={name!r} is invalid: expected letters, digits and ._=+-")
+    root = Path(sweep_dir) if sweep_dir is not None else Path(base.out_dir or "runs") / name
+    cells = build_cells(base, grid, seeds, root.resolve(), notebook, params_file)
+
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / SPEC_FILE, json.dumps(
+        {"name": name, "base": base.to_dict(), "grid": grid, "seeds": seeds,
+         "notebook": str(notebook) if notebook else None, "params_file": str(params_file) if params_file else None,
+         "cells": [c.name for c in cells]},
+        indent=2, sort_keys=True, default=str))
+    todo = []
+    for c in cells:
+        if is_complete(c):
+            c.status, c.resumed = "ok", True
+        else:
+            todo.append(c)
+    done = len(cells) - len(todo)
+    engine = "ray" if ray is not None else ("this process" if workers == 0 else "local pool")
+    log(f"sweep {root}: {len(cells)} runs, {done} already complete, {len(todo)} to run on {engine}")
+
+    if todo and notebook is None:
+        for c, cfg in _distinct_warm_starts(todo):
+            try:
+                warm_locked(cfg, log=log)  # once, here, before any worker could race on the cache entry
+            except Exception as e:  # noqa: BLE001 - bad model/sft params: one line naming the cell
+                raise WorkbenchError(f"sweep cell {describe(c.values, c.seed)}: warm start of the built-in "
+                                     f"model failed: {one_line(e)}") from None
+
+    bar = progress_bar(len(cells), done, progress)
+    try:
+        if not todo:
+            pass
+        elif ray is not None:
+            run_ray(todo, ray, workers, threads_per_run, bar, log)
+        elif workers == 0:
+            run_serial(todo, bar, log)
+        else:
+            n = min(workers or max(1, usable_cores() // threads_per_run), len(todo))
+            run_pool(todo, n, threads_per_run, bar, log)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    merged = merge(cells, list(grid), "seed" not in grid)
+    write_results(root, merged, cells, list(grid), "seed" not in grid)
+    failed = [c for c in cells if c.status != "ok"]
+    log(f"sweep {root}: {len(cells) - len(failed)} ok, {len(failed)} failed, {done} resumed -> "
+        f"{root / MERGED_FILE}")
+    return merged
+
+
+def default_name(base: RunConfig, grid: dict[str, list[Any]], seeds: Any, notebook: Any) -> str:
+    """``sweep-<hash>`` of the command's inputs: the same command finds the same folder."""
+    d = {k: v for k, v in base.to_dict().items() if k not in RESERVED}
+    return "sweep-" + short_hash({"base": d, "grid": grid, "seeds": seeds,
+                                  "notebook": str(notebook) if notebook else None})
+
+
+def _distinct_warm_starts(cells: list[Cell]) -> list[tuple[Cell, RunConfig]]:
+    """One built-in-model cell per distinct (task, model, SFT) combination: each warm start trains once."""
+    seen, out = set(), []
+    for c in cells:
+        cfg = c.spec["config"]
+        if cfg["model"] != "builtin":
+            continue
+        key = canon([cfg["task"], cfg["task_params"], cfg["model_params"], cfg["sft_params"]])
+        if key not in seen:
+            seen.add(key)
+            out.append((c, RunConfig.from_dict(cfg)))
+    return out

@@ -1,0 +1,166 @@
+"""A sweep's worker side: execute one cell in this process and record it.
+
+``run_cell`` (pool and serial), ``init_worker`` (the pool's initializer) and ``ray_task`` (a Ray
+task) are module-level functions: spawned processes and Ray find them by import.
+
+**Thread limits first.** A worker is limited to ``threads`` threads (``OMP_NUM_THREADS``,
+``MKL_NUM_THREADS``, ``POLARS_MAX_THREADS`` and ``OMP_WAIT_POLICY=PASSIVE`` set before torch is
+imported, then ``torch.set_num_threads``). torch and polars read those variables when they load,
+so nothing under ``workbench.sweeps`` imports them at module level: a spawned worker imports this
+package (to find ``init_worker``) before the limits are set. The imports of torch, polars and of
+the modules that load them (the loop, the policy, the run folder) are inside the functions here.
+
+**Resuming.** An incomplete run cell whose folder holds the same config and a checkpoint (written
+every ``checkpoint_every`` updates) continues from that checkpoint, exactly; otherwise it reruns
+from scratch (``Run`` moves the old folder aside to ``<cell>.1``). Notebook cells always rerun.
+
+**Warm starts.** The built-in model's warm start is trained (or found) under a file lock on its
+cache entry, so parallel first runs never race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
+from workbench.notebook import run_notebook
+from workbench.sweeps.cells import CELL_FILE
+from workbench.sweeps.grid import one_line
+
+RETURNED_FILES = ("config.json", "metrics.parquet", "summary.json", "knob_events.jsonl", CELL_FILE,
+                  "sweep_error.txt", "notebook.ipynb")  # what a Ray task sends back to the driver
+
+
+def limit_threads(threads: int) -> None:
+    """Thread limits for a worker: env vars first (read when torch/polars load), then torch's pool."""
+    t = str(int(threads))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "POLARS_MAX_THREADS"):
+        os.environ[var] = t
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # after the env vars above: torch reads them when it loads
+
+    torch.set_num_threads(int(threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already started in this process
+        pass
+
+
+def init_worker(threads: int) -> None:
+    """Pool initializer: thread limits, then the imports every cell needs (paid once per worker)."""
+    limit_threads(threads)
+    try:
+        import workbench.loop  # noqa: F401  (warm-up, after the thread limits)
+    except Exception:  # noqa: BLE001 - the cell reports the import error itself
+        pass
+
+
+def warm_locked(config: RunConfig, log: Callable[[str], None] = lambda s: None) -> None:
+    """Build (or find) the built-in model's cached warm start under a file lock on its cache entry."""
+    if config.model != "builtin":
+        return
+    # torch and transformers: only once the thread limits are set (module docstring)
+    from filelock import FileLock
+
+    from workbench.policy.build import build_task
+    from workbench.policy.model import ModelConfig
+    from workbench.cache import cache_root
+    from workbench.policy.warm_start import SFTConfig, cache_key, warm_start
+
+    task = build_task(config)
+    mcfg, scfg = ModelConfig(**config.model_params), SFTConfig(**config.sft_params)
+    lock_dir = cache_root() / "warm_start"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f".{cache_key(task, mcfg, scfg)}.lock")):
+        warm_start(task, mcfg, scfg, log=log)
+
+
+def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
+    """Execute one cell in this process; never raises for a failing run (the error is returned)."""
+    if threads:
+        limit_threads(threads)
+    from workbench.runs.rundir import atomic_write_text  # loads torch and polars: after the thread limits
+
+    t0 = time.perf_counter()
+    path = Path(run_dir)
+    try:
+        continued = _execute(spec, path)
+        seconds = time.perf_counter() - t0
+        atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads,
+                                                        "continued_from": continued}, indent=2, sort_keys=True))
+        return {"status": "ok", "error": None, "seconds": seconds, "continued_from": continued}
+    except Exception as e:  # noqa: BLE001 - a failing cell is reported, the sweep goes on
+        tb = traceback.format_exc()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "sweep_error.txt").write_text(tb)
+        except OSError:
+            pass
+        return {"status": "failed", "error": one_line(e), "seconds": time.perf_counter() - t0}
+
+
+def ray_task(spec: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """A Ray task: run the cell, return its result and the run's small files (bytes) to the driver."""
+    out = run_cell(spec, run_dir, threads)
+    from workbench.runs.rundir import RunDir  # torch: after the thread limits (module docstring)
+
+    if out["status"] != "ok" and Path(run_dir).is_dir():
+        try:  # a failed cell's rows so far travel as one metrics.parquet
+            RunDir(run_dir).compact_metrics()
+        except Exception:  # noqa: BLE001 - unreadable rows: the error file still goes back
+            pass
+    files = {}
+    for name in RETURNED_FILES:
+        p = Path(run_dir) / name
+        if p.is_file():
+            files[name] = p.read_bytes()
+    out["files"] = files
+    return out
+
+
+def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
+    """Run the cell; returns the update a run continued from (None when it started from scratch)."""
+    if spec["mode"] == "run":
+        from workbench.loop import Run  # torch: after the thread limits (module docstring)
+
+        cfg = RunConfig.from_dict(spec["config"])
+        warm_locked(cfg)
+        run = _continue_run(cfg, run_dir)
+        continued = run.version if run is not None else None
+        run = run if run is not None else Run(cfg, log=lambda s: None)
+        run.run(progress=False)
+        run.write_summary()
+        return continued
+    elif spec["mode"] == "notebook":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_notebook(spec["notebook"], parameters=spec["parameters"], output=run_dir / "notebook.ipynb")
+        return None
+    else:  # pragma: no cover
+        raise WorkbenchError(f"sweep cell mode={spec['mode']!r} is invalid: expected run | notebook")
+
+
+def _continue_run(cfg: RunConfig, run_dir: Path):
+    """The interrupted run of this cell, reopened at its latest checkpoint, or None (start over).
+
+    Only when the folder's ``config.json`` is exactly this cell's config and a complete checkpoint
+    exists (``checkpoint_every`` > 0 writes them during the run); resuming is exact, so the merged
+    metrics are those of an uninterrupted run. An unreadable checkpoint means starting over.
+    """
+    from workbench.loop import Run  # torch: after the thread limits (module docstring)
+    from workbench.runs.rundir import RunDir
+
+    try:
+        if RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())) != cfg:
+            return None
+        if RunDir(run_dir).latest_checkpoint() is None:
+            return None
+        return Run.resume(run_dir, log=lambda s: None)
+    except Exception:  # noqa: BLE001 - no folder, another config, a torn checkpoint: start over
+        return None
