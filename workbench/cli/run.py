@@ -107,7 +107,7 @@ def _finish(run) -> None:
     if run.dir is not None and len(run.rows):
         from workbench.charts import run_chart, save_png  # altair and vl-convert: only once a run has rows
 
-        save_png(run_chart(run.metrics, title=run.dir.path.name), run.dir.path / "charts.png")
+        save_png(run_chart(run.metrics, run.dir.path.name, run.knob_events), run.dir.path / "charts.png")
     print(json.dumps(summary, indent=2))
 
 
