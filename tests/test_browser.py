@@ -35,8 +35,9 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-dev-shm-usage"]
-# notebook 02 shrunk to the tiny model, long enough to be changed while it trains
-PARAMS = {"tiny": True, "steps": 400, "prompts_per_step": 4, "group_size": 4, "eval_every": 5, "eval_size": 16,
+# notebook 02 shrunk to the tiny model; more updates than the test lasts, so it is changed while it trains
+# (the kernel is shut down at the end)
+PARAMS = {"tiny": True, "steps": 20000, "prompts_per_step": 4, "group_size": 4, "eval_every": 5, "eval_size": 16,
           "lr": 0.01, "chart_seconds": 0.5, "run_name": "browser"}
 
 

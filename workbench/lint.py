@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 from workbench.config import RunConfig
 from workbench.steps.reweight import OBJECTIVES
+from workbench.steps.reweight.core import default_aggregation
 
 M2PO_STABLE_TAU = (0.02, 0.12)
 _MEAN_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -140,7 +141,7 @@ def lint(config: RunConfig) -> list[LintWarning]:
     corr = cfg.correction_spec()
     weighted = corr is not None and corr.weighted
     sources = offpolicy_sources(cfg)
-    agg = cfg.aggregation or meta.get("default_aggregation", "token-mean")
+    agg = cfg.aggregation or default_aggregation(obj)
     out: list[LintWarning] = []
 
     def warn(code: str, field: str, message: str) -> None:
