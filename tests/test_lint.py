@@ -1,4 +1,5 @@
-"""The config linter (workbench.lint) and its CLI: every warning triggered and not triggered."""
+"""The config linter (workbench.lint) and its CLI: every warning triggered and not triggered; and the
+mistakes it cannot see from the config alone, which are one-line errors instead of silent no-ops."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import pytest
 
 from workbench.cli import main
 from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
 from workbench.lint import CODES, LintWarning, Warning, is_on_policy_reference, lint, notes
+from workbench.loop import MAX_NONFINITE_STREAK, Run
+from workbench.notebook import TINY_REWARDS
+from workbench.policy.model import build_model
+from workbench.steps.buffer import BUDGET_ENV
 from workbench.steps.reweight import OBJECTIVES
 
 # A config that is off-policy (staleness 2), corrected and aggregated with a fixed scale: no warning.
 CLEAN = dict(objective="ppo_clip", staleness=2)
+TINY = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 8}, prompts_per_step=4, group_size=4,
+            eval_every=5, eval_size=8, seed=3, rewards=TINY_REWARDS)  # rewards that vary: the policy moves
 
 
 def codes(**kw):
@@ -171,6 +179,98 @@ def test_truncated_support_without_correction(kw, field):
 def test_decoupled_without_correction(proximal):
     assert "decoupled_without_correction" in codes(staleness=2, proximal=proximal)
     assert "decoupled_without_correction" not in codes(staleness=2, proximal=proximal, correction="areal")
+
+
+# ---- lag_exceeds_steps ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, field", [(dict(staleness=1_000_000), "staleness"), (dict(staleness=299), "staleness"),
+                                       (dict(sync_every=400), "sync_every"),
+                                       (dict(staleness=8, updates_per_batch=4, steps=12), "staleness")])
+def test_lag_exceeds_steps(kw, field):
+    assert fields("lag_exceeds_steps", **kw) == [field]
+
+
+def test_lag_exceeds_steps_message_counts_the_batches():
+    (w,) = [w for w in lint(RunConfig(staleness=1_000_000)) if w.code == "lag_exceeds_steps"]
+    assert "generates 1000001 batches" in w.message and "999701 of them are never used" in w.message
+
+
+@pytest.mark.parametrize("kw", [dict(staleness=298), dict(sync_every=299), dict(steps=1), dict(staleness=4, steps=9,
+                                                                                            updates_per_batch=4)])
+def test_lag_below_steps_is_fine(kw):
+    assert "lag_exceeds_steps" not in codes(**kw)
+
+
+# ---- no_group_baseline ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "lite_ppo", "reinforce_pp"])
+def test_no_group_baseline_with_a_group_of_one(advantage):
+    assert fields("no_group_baseline", group_size=1, advantage=advantage) == ["group_size"]
+    assert "no_group_baseline" not in codes(group_size=2, advantage=advantage)
+
+
+def test_raw_reward_needs_no_group():
+    assert "no_group_baseline" not in codes(group_size=1, advantage="none")
+
+
+# ---- eval_size_clipped ---------------------------------------------------------------------------------------
+
+def test_eval_size_larger_than_the_heldout_set_says_the_size_used():
+    (w,) = [w for w in lint(RunConfig(eval_size=100_000)) if w.code == "eval_size_clipped"]
+    assert w.field == "eval_size" and "uses its 256 examples" in w.message
+    assert fields("eval_size_clipped", eval_size=20, task_params={"heldout_size": 16}) == ["eval_size"]
+    assert "eval_size_clipped" not in codes(eval_size=16, task_params={"heldout_size": 16})
+    assert "eval_size_clipped" not in codes()  # the default evaluates all 256
+
+
+# ---- what the linter cannot see: errors, never silent no-ops -------------------------------------------------
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(kl_coef=float("inf")), "kl_coef=inf is invalid: expected a finite"),
+    (dict(entropy_coef=float("nan")), "entropy_coef=nan is invalid"),
+    (dict(task_params={"heldout_size": 0}), "task_params.heldout_size=0 is invalid"),
+])
+def test_config_refuses_what_would_do_nothing(kw, match):
+    with pytest.raises(WorkbenchError, match=match):
+        RunConfig(**kw)
+
+
+def _tiny_run(tokenizer, tiny_model_config, log=lambda s: None, **kw):
+    cfg = RunConfig(**{**TINY, "out_dir": "", **kw})
+    return Run(cfg, model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer, log=log)
+
+
+@pytest.mark.parametrize("kw, cause", [(dict(kl_coef=1e30), "kl_coef=1e+30"), (dict(entropy_coef=1e30),
+                                                                                 "entropy_coef=1e+30")])
+def test_every_update_skipped_stops_the_run_naming_the_cause(tokenizer, tiny_model_config, kw, cause):
+    run = _tiny_run(tokenizer, tiny_model_config, **kw)
+    with pytest.raises(WorkbenchError, match="were all skipped because the gradient norm was not finite") as e:
+        run.run(30)
+    assert cause in str(e.value) and "\n" not in str(e.value)
+    assert run.version <= 6 and run.metrics["loss/skipped_nonfinite"].tail(MAX_NONFINITE_STREAK).sum() == 5
+
+
+def test_a_queue_over_the_memory_budget_is_refused_with_the_numbers(tokenizer, tiny_model_config, monkeypatch):
+    monkeypatch.setenv(BUDGET_ENV, "0.00001")  # 10 kB
+    with pytest.raises(WorkbenchError, match=r"keeps 9 batches of ~0\.\d+ MB .* over the 1e-05 GB budget"):
+        _tiny_run(tokenizer, tiny_model_config, staleness=8).run(1)
+    monkeypatch.setenv(BUDGET_ENV, "lots")
+    with pytest.raises(WorkbenchError, match="WORKBENCH_BUFFER_BUDGET_GB='lots' is invalid"):
+        _tiny_run(tokenizer, tiny_model_config, staleness=8).run(1)
+
+
+def test_a_long_prefill_shows_progress(tokenizer, tiny_model_config):
+    lines: list[str] = []
+    _tiny_run(tokenizer, tiny_model_config, log=lines.append, staleness=11).run(1)
+    assert lines[0] == "buffer: generating 12 batches before update 0 (a lag of 11 batches, 1 per sync)"
+    assert lines[-1].startswith("buffer: 12/12 batches generated") and 3 <= len(lines) <= 12
+
+
+def test_empty_heldout_set_is_refused_before_the_run(tokenizer, tiny_model_config, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(4)))
+    with pytest.raises(WorkbenchError, match="task_params.heldout_fraction=0 is invalid"):
+        RunConfig(task="jsonl", task_params={"path": str(path), "heldout_fraction": 0})
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import polars as pl
 import vl_convert as vlc
 
 from workbench.errors import WorkbenchError, bad_value
+from workbench.runs.files import atomic_write_bytes
 
 # (panel title, metric columns). Adding a panel is one line; absent columns are skipped.
 PANELS: list[tuple[str, list[str]]] = [
@@ -186,8 +187,7 @@ def save_png(chart: alt.TopLevelMixin | dict[str, Any], path: str | Path, scale:
     png = vlc.vegalite_to_png(spec, vl_version=version, scale=float(scale), allowed_base_urls=[])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
-    return path
+    return atomic_write_bytes(path, png)  # temp + rename, the umask's mode like every run file
 
 
 def save_html(chart: alt.TopLevelMixin | dict[str, Any], path: str | Path) -> Path:
@@ -199,8 +199,7 @@ def save_html(chart: alt.TopLevelMixin | dict[str, Any], path: str | Path) -> Pa
         raise WorkbenchError("save_html: vl-convert produced CDN links despite bundle=True")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
-    return path
+    return atomic_write_bytes(path, html.encode("utf-8"))
 
 
 __all__ = ["COLUMNS", "EMPTY_TEXT", "HEIGHT", "PANELS", "SPARSE_PREFIXES", "WIDTH", "chart_spec", "event_label",

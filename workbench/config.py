@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from workbench.steps.reweight.core import OBJECTIVES, validate_params
 from workbench.steps.reweight.corrections import PROXIMAL_MODES, make_correction
 from workbench.steps.score import ADVANTAGES, REWARDS
 from workbench.tasks import TASKS
+from workbench.validate import check_known, check_types
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -33,9 +35,19 @@ def _check(cond: bool, fld: str, value: object, expected: str) -> None:
         raise bad_value(fld, value, expected)
 
 
+def _valid_run_name(name: object) -> bool:
+    """A run directory is exactly one folder inside ``out_dir``: a name can never reach outside it."""
+    return isinstance(name, str) and (name == "" or (
+        name not in (".", "..") and not any(c in name for c in "/\\\0") and not os.path.isabs(name)))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs. Frozen; validated on construction (one-line errors)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RunConfig":
+        check_known(cls, args, kwargs)  # RunConfig(foo=1): the valid names, not __init__'s TypeError
+        return super().__new__(cls)
 
     # --- task and model ---
     task: str = "addition"
@@ -148,12 +160,15 @@ class RunConfig:
     """Held-out examples evaluated."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint every N updates; 0 = only at the end of ``run()``."""
+    keep_checkpoints: int = 3
+    """Newest N checkpoints kept (older ones deleted after each write); 0 = keep all; the final one of run() is always kept."""
     out_dir: str = "runs"
     """Parent folder of run directories; empty string = write nothing to disk."""
     run_name: str = ""
     """Run directory name; empty = generated from objective, staleness and seed."""
 
     def __post_init__(self) -> None:
+        check_types(self)  # every field's type first: the checks below compare and look up values
         TASKS.entry(self.task)
         ADVANTAGES.entry(self.advantage)
         OBJECTIVES.entry(self.objective)
@@ -186,6 +201,11 @@ class RunConfig:
         for name in ("staleness", "warmup_steps", "checkpoint_every", "threads", "top_k", "max_new_tokens", "seed"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "an integer >= 0")
+        _check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool)
+               and self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints,
+               "an integer >= 0 (0 keeps every checkpoint)")
+        _check(_valid_run_name(self.run_name), "run_name", self.run_name,
+               "'' (a generated name) or one folder name inside out_dir: no '/', '\\', NUL, '.' or '..'")
         _check(isinstance(self.max_staleness, int) and self.max_staleness >= -1, "max_staleness",
                self.max_staleness, "an integer >= 0, or -1 for no limit")
         batch = self.prompts_per_step * self.group_size
@@ -198,8 +218,13 @@ class RunConfig:
         _check(0 < self.lr < 1, "lr", self.lr, "a float in (0, 1)")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, " | ".join(LR_SCHEDULES))
         _check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", self.kl_estimator, " | ".join(KL_ESTIMATORS))
-        for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef"):
+        for name in ("weight_decay", "grad_clip"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "a float >= 0")
+        for name in ("kl_coef", "entropy_coef"):  # inf would make every update non-finite (and skipped)
+            _check(0 <= getattr(self, name) < float("inf"), name, getattr(self, name), "a finite float >= 0")
+        for key in ("heldout_size", "heldout_fraction"):  # every run evaluates on the held-out set
+            _check(self.task_params.get(key) != 0, f"task_params.{key}", self.task_params.get(key),
+                   "a value > 0: the run evaluates held-out accuracy at the start, every eval_every updates and at the end")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
                self.adam_betas, "two floats in [0, 1)")
 
@@ -222,16 +247,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise bad_value("config", d, "a dict of RunConfig fields")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise WorkbenchError(f"unknown config field {unknown[0]!r}: valid fields are {', '.join(sorted(names))}")
-        d = dict(d)
-        if "rewards" in d:
-            d["rewards"] = tuple(tuple(r) for r in d["rewards"])
-        if "adam_betas" in d:
-            d["adam_betas"] = tuple(d["adam_betas"])
-        return cls(**d)
+        return cls(**d)  # lists of rewards / adam_betas become tuples in check_types
 
     def replace(self, **changes: Any) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **changes})
@@ -312,6 +334,8 @@ class Knobs:
         unknown = sorted(set(changes) - set(LIVE_FIELDS))
         if unknown:
             raise WorkbenchError(f"{unknown[0]!r} is not a live knob: live knobs are {', '.join(LIVE_FIELDS)}")
+        if "objective_params" in changes and not isinstance(changes["objective_params"], (dict, type(None))):
+            raise bad_value("objective_params", changes["objective_params"], "a dict of objective parameters")
         new = dict(self._requested)
         switched = "objective" in changes and changes["objective"] != new["objective"]
         if switched:

@@ -13,6 +13,7 @@ the live objective and steps AdamW.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,12 +23,13 @@ import torch
 
 from workbench.config import Knobs, RunConfig
 from workbench.errors import WorkbenchError
+from workbench.lint import nonfinite_message
 from workbench.policy.build import build_policy, build_task, frozen_copy
 from workbench.policy.chat import render_examples, resolve_template
 from workbench.rollouts import Rollouts
 from workbench.runs import checkpoint as ckpt
 from workbench.runs.rundir import RunDir, keep_previous
-from workbench.steps.buffer import StalenessBuffer
+from workbench.steps.buffer import StalenessBuffer, SyncStopped
 from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
 from workbench.steps.reweight import mismatch
 from workbench.steps.reweight.core import Objective, resolve_objective
@@ -35,6 +37,7 @@ from workbench.steps.score import score
 from workbench.steps.update import build_optimizer, expert_batch, lr_multiplier, proximal_logprobs, update_step
 
 Hook = Callable[["Run", dict[str, Any]], None]
+MAX_NONFINITE_STREAK = 5  # consecutive skipped (non-finite) updates before the run stops with an error
 
 
 class Run:
@@ -62,6 +65,9 @@ class Run:
             torch.set_num_threads(config.threads)
         self.log = log
         self.task = build_task(config)
+        if not self.task.heldout:  # evaluated at the start, every eval_every updates and at the end
+            raise WorkbenchError(f"task={config.task!r} has an empty held-out set: the run evaluates on it; "
+                                 f"give it at least one example (task_params)")
         if model is None:
             model, tokenizer = build_policy(config, self.task, log)
         self.model, self.tokenizer = model, tokenizer
@@ -75,7 +81,7 @@ class Run:
                                                  seed=config.seed, log=log)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
         self.knobs = Knobs(config)
-        self.buffer = StalenessBuffer()
+        self.buffer = StalenessBuffer(log=log)
         self.prompt_rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.version = 0
@@ -87,12 +93,15 @@ class Run:
         self.last_batch: Rollouts | None = None
         self._schedule = {int(e["update"]): e["changes"] for e in (knob_schedule or [])}
         self.hooks: list[Hook] = []
+        self._stop = threading.Event()  # request_stop(): run() stops between updates
+        self._stop_honoured = False
+        self._nonfinite_streak = 0  # consecutive updates skipped for a non-finite gradient
+        self.final_accuracy: tuple[int, float] | None = None  # (version, acc) of run()'s final evaluation
         path = Path(config.out_dir) / (config.run_name or _run_name(config)) if config.out_dir else None
         if path is not None and not _resuming:
             keep_previous(path, log)  # a rerun with the same name never overwrites an earlier run
-        self.dir = RunDir(path) if path is not None else None
-        if self.dir and not _resuming:
-            self.dir.write_config(config.to_dict())
+        # one writer per folder: a live run of another process is a one-line error (runs/lock.py)
+        self.dir = RunDir.open(path, log, config=None if _resuming else config.to_dict()) if path is not None else None
         self._timing: dict[str, float] = {}
         self.initial_accuracy: float | None = None
 
@@ -114,7 +123,8 @@ class Run:
             units = cfg.updates_per_batch * cfg.num_minibatches  # updates fed by one batch
             batch, score_stats, buffer_stats = self.buffer.pop(
                 k, staleness=knobs.staleness // units, sync_every=max(1, knobs.sync_every // units),
-                max_staleness=knobs.max_staleness, produce=self._generate_and_score)
+                max_staleness=knobs.max_staleness, produce=self._generate_and_score,
+                should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
             if cfg.proximal == "recompute":  # AReaL: pi_prox = the policy when the batch's first update starts
                 batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature))
             self.minibatches = self._split(batch)
@@ -143,7 +153,7 @@ class Run:
         row.update(metrics)
         row.update({"offpolicy/staleness_mean": float(stale.mean()), "offpolicy/staleness_max": float(stale.max()),
                     "offpolicy/staleness_min": float(stale.min()), "batch/sequences": float(len(minibatch))})
-        if self.version % cfg.eval_every == 0:
+        if self.version % cfg.eval_every == 0 or self.version == cfg.steps:  # and always at the run's end
             t = time.perf_counter()
             row["eval/accuracy"] = self.evaluate()
             self._timing["perf/time_eval"] = time.perf_counter() - t
@@ -160,6 +170,9 @@ class Run:
                 self.save_checkpoint()
         for hook in self.hooks:
             hook(self, row)
+        self._nonfinite_streak = self._nonfinite_streak + 1 if metrics.get("loss/skipped_nonfinite") else 0
+        if self._nonfinite_streak >= MAX_NONFINITE_STREAK:  # every update a no-op: stop, say why
+            raise WorkbenchError(nonfinite_message(cfg, knobs, row, self._nonfinite_streak))
         return row
 
     def sample(self, prompts: int | None = None, *, filter_zero_variance: bool | None = None) -> tuple[Rollouts, dict[str, float]]:
@@ -223,19 +236,50 @@ class Run:
     # ---------------------------------------------------------------- driving
     def run(self, n: int | None = None, progress: bool = False) -> pl.DataFrame:
         """Run ``n`` updates (default: up to ``config.steps``); returns the metrics."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise WorkbenchError(f"run(n={n!r}) is invalid: expected an integer >= 0 (updates to run) or None")
         n = self.config.steps - self.version if n is None else n
+        if self._stop_honoured:  # an earlier run() already stopped for that request
+            self._stop.clear()
+            self._stop_honoured = False
         bar = _progress(n) if progress else None
+        done = 0
         for _ in range(n):
-            row = self.step()
+            if self._stop.is_set():
+                self._stop_honoured = True
+                break
+            try:
+                row = self.step()
+            except SyncStopped:  # stopped while generating (a long prefill): no update, batches kept
+                self._stop_honoured, done = True, 0  # the state changed: checkpoint it
+                break
+            done += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(progress_postfix(row), refresh=False)
         if bar is not None:
             bar.close()
+        cfg = self.config
+        if not self._stop_honoured and self.version >= cfg.steps and self.rows and "eval/accuracy" not in self.rows[-1]:
+            self.final_accuracy = (self.version, self.evaluate())  # past the run's end: the final weights
         if self.dir:
-            self.save_checkpoint()
+            if not (done and cfg.checkpoint_every and self.version % cfg.checkpoint_every == 0):
+                self.save_checkpoint(final=True)  # (unless the last update just wrote this one)
+            else:
+                self.dir.mark_final(self.version, keep=cfg.keep_checkpoints)
             self.write_summary()
         return self.metrics
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to stop after the update in progress (any thread, or a signal handler: it only
+        sets a flag), or during a long buffer sync after the batch being generated (``SyncStopped``,
+        batches kept). ``run()`` then writes its checkpoint and summary and returns;
+        ``stop_requested`` stays True until the next ``run()``."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def evaluate(self) -> float:
         """Held-out greedy accuracy of the current weights."""
@@ -253,6 +297,10 @@ class Run:
         out = {"updates": self.version, "eval/initial_accuracy": self.initial_accuracy,
                "eval/final_accuracy": float(acc[-1]) if len(acc) else None,
                "eval/best_accuracy": float(acc.max()) if len(acc) else None}
+        if self.final_accuracy is not None and self.final_accuracy[0] == self.version:  # run() past the end
+            final = self.final_accuracy[1]
+            out["eval/final_accuracy"] = final
+            out["eval/best_accuracy"] = final if out["eval/best_accuracy"] is None else max(out["eval/best_accuracy"], final)
         for col in ("reward/accuracy", "offpolicy/clipfrac", "offpolicy/masked_frac", "offpolicy/m2",
                     "offpolicy/ess_token", "loss/entropy"):
             if col in df.columns:
@@ -291,15 +339,23 @@ class Run:
         cols.update({f"knob/{p}": v for p, v in kn.objective_params.items() if isinstance(v, (int, float))})
         return cols
 
-    def save_checkpoint(self) -> Path:
-        return ckpt.save(self)
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """``final``: the end of ``run()``; retention (``keep_checkpoints``) always keeps the latest such."""
+        return ckpt.save(self, final=final)
+
+    def close(self) -> None:
+        """Release the run directory's lock (also at exit and garbage collection): this object writes
+        nothing afterwards; another process, or a new ``Run``/``Run.resume`` here, may take the folder."""
+        if self.dir is not None:
+            self.dir.close()
 
     @classmethod
     def resume(cls, run_dir: str | Path, checkpoint: str | Path | None = None, **kw: Any) -> "Run":
-        """Reopen a run directory at its latest (or a given) checkpoint; continues exactly."""
-        config, files = ckpt.load(run_dir, checkpoint)
+        """Reopen a run directory at its latest intact (or a given) checkpoint; continues exactly.
+        A folder another live process writes is refused before anything is built."""
+        config, checkpoints = ckpt.load(run_dir, checkpoint)
         run = cls(config, _resuming=True, **kw)
-        ckpt.restore(run, files)
+        ckpt.restore(run, checkpoints)  # on failure it closes the run (the folder is free again)
         kn = run.knobs.applied
         run.objective = resolve_objective(kn.objective, kn.objective_params)
         return run

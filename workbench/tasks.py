@@ -24,10 +24,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workbench.errors import WorkbenchError, bad_value
+from workbench.errors import WorkbenchError, bad_value, short_repr
 from workbench.registry import Registry
 
 HELDOUT_SEED = 1_234_567  # fixed: the held-out set never depends on the run's seed
+MAX_JSONL_LINE_BYTES = 1 << 20
+"""Longest line (1 MiB) a JSONL task may have: a longer one is refused before it is decoded or
+tokenised (a 50 MB prompt would otherwise be read, rendered and tokenised before any length check)."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ class Reverse(Task):
 @TASKS.register("jsonl", summary="prompts and answers from a JSONL file (path=...)")
 class JsonlTask(Task):
     """A user task: each non-blank line of ``path`` is an object with string ``prompt`` and
-    ``answer`` plus optional extra fields (kept in ``Example.extra``). A fixed-seed shuffle of the
+    ``answer`` plus optional extra fields (kept in ``Example.extra``); the file is UTF-8 and no line
+    is longer than ``MAX_JSONL_LINE_BYTES``. A fixed-seed shuffle of the
     unique prompts puts ``heldout_fraction`` of them in the held-out set (at least one when the
     fraction is > 0); all lines with those prompts are held out."""
 
@@ -262,8 +266,12 @@ class JsonlTask(Task):
         if not path.is_file():
             raise WorkbenchError(f"jsonl.path={str(path)!r} is invalid: no such file")
         out = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        try:
+            fh = path.open("rb")
+        except OSError as e:
+            raise WorkbenchError(f"jsonl.path={str(path)!r} is invalid: cannot read it ({e.strerror})") from None
+        with fh:
+            for lineno, line in enumerate(_lines(fh, path), start=1):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
@@ -271,6 +279,8 @@ class JsonlTask(Task):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise WorkbenchError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise WorkbenchError(f"{where}: bad JSON (nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 for key in ("prompt", "answer"):
@@ -278,7 +288,7 @@ class JsonlTask(Task):
                         raise WorkbenchError(f"{where}: missing {key!r} (keys: {', '.join(obj) or 'none'})")
                     if not isinstance(obj[key], str):
                         raise WorkbenchError(
-                            f"{where}: {key!r} must be a string, got {type(obj[key]).__name__} {obj[key]!r}"
+                            f"{where}: {key!r} must be a string, got {type(obj[key]).__name__} {short_repr(obj[key])}"
                         )
                 extra = {k: v for k, v in obj.items() if k not in ("prompt", "answer")}
                 out.append(Example(obj["prompt"], obj["answer"], extra))
@@ -315,9 +325,29 @@ class JsonlTask(Task):
         return max(len(ex.answer) for ex in self._examples) + 1
 
 
+def _lines(fh, path: Path):
+    """The decoded lines of a binary file, each refused (with its number) when it is longer than
+    ``MAX_JSONL_LINE_BYTES`` or not UTF-8; at most that many bytes of a line are ever read at once."""
+    lineno = 0
+    while True:
+        raw = fh.readline(MAX_JSONL_LINE_BYTES + 2)  # + "\r\n"
+        if not raw:
+            return
+        lineno += 1
+        if len(raw.rstrip(b"\n").rstrip(b"\r")) > MAX_JSONL_LINE_BYTES:
+            raise WorkbenchError(f"{path}:{lineno}: line longer than {MAX_JSONL_LINE_BYTES} bytes "
+                                 f"(MAX_JSONL_LINE_BYTES); shorten the prompt or answer")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WorkbenchError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 "of the line)") from None
+
+
 def make_task(name: str, **params: Any) -> Task:
     """Build a registered task: ``make_task("addition", max_digits=2)``."""
     return TASKS.get(name)(**params)
 
 
-__all__ = ["Example", "TASKS", "Task", "Addition", "Reverse", "JsonlTask", "make_task", "HELDOUT_SEED"]
+__all__ = ["Example", "TASKS", "Task", "Addition", "Reverse", "JsonlTask", "make_task", "HELDOUT_SEED",
+           "MAX_JSONL_LINE_BYTES"]

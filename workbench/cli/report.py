@@ -16,7 +16,7 @@ from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_sta
 def add_parser(sub) -> None:
     """The ``report`` subcommand and its flags."""
     parser = sub.add_parser("report", help="reproduce 'prosperity before collapse' at CPU scale: sweeps + "
-                            "reports/prosperity.md")
+                            "reports/prosperity.md", allow_abbrev=False)
     add_arguments(parser)
 
 

@@ -9,36 +9,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 from workbench import notebook
 from workbench.cli.config_flags import add_config_flags, config_from_args, registries_epilog
+from workbench.errors import WorkbenchError
+from workbench.runs.stop import StopSignals, exit_code, signal_name
 from workbench.steps.reweight.reference import DOCS_PATH, objectives_markdown, write_docs
 from workbench.sweeps.grid import parse_value
 
 
 def add_parsers(sub) -> None:
     """The subcommands of this module, in the order ``--help`` lists them."""
-    run_p = sub.add_parser("run", help="run one experiment headless", epilog=registries_epilog(),
+    run_p = sub.add_parser("run", help="run one experiment headless", epilog=registries_epilog(), allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     run_p.add_argument("--config", help="a config.json to start from (flags override it)")
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(run_p)
-    res_p = sub.add_parser("resume", help="continue a run directory from its latest checkpoint")
+    res_p = sub.add_parser("resume", help="continue a run directory from its latest checkpoint", allow_abbrev=False)
     res_p.add_argument("run_dir")
+    res_p.add_argument("--checkpoint", default=None,
+                       help="a checkpoint folder (or its name, e.g. update_000040) instead of the latest intact one")
     res_p.add_argument("--steps", type=int, default=None, help="run until this many updates in total")
     res_p.add_argument("--no-progress", action="store_true")
-    sub.add_parser("list", help="list objectives, advantage estimators, tasks and rewards")
+    sub.add_parser("list", help="list objectives, advantage estimators, tasks and rewards", allow_abbrev=False)
     lint_p = sub.add_parser("lint", help="warn about config combinations that probably do not do what was meant",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     lint_p.add_argument("--config", help="a config.json to start from (flags override it)")
     lint_p.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
     add_config_flags(lint_p)
-    docs_p = sub.add_parser("docs", help="write the objective reference docs/objectives.md from the registries")
+    docs_p = sub.add_parser("docs", help="write the objective reference docs/objectives.md from the registries",
+                            allow_abbrev=False)
     docs_p.add_argument("--out", default=None, help="output path (default: the repository's docs/objectives.md)")
     docs_p.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
-    nb_p = sub.add_parser("notebook", help="run a notebook of notebooks/ headless (papermill) with parameters")
+    nb_p = sub.add_parser("notebook", help="run a notebook of notebooks/ headless (papermill) with parameters",
+                          allow_abbrev=False)
     nb_p.add_argument("notebook", help="a path, a stem or a number prefix (02)")
     nb_p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                       help="a notebook parameter; VALUE is parsed as JSON, else kept as a string")
@@ -63,18 +71,73 @@ def cli_main(args) -> int:
         return 1 if (warnings and args.strict) else 0
     from workbench.loop import Run  # transformers and the model code: only the commands that train load them
 
-    if args.command == "run":
-        config = config_from_args(args)
-        _print_lint(config, sys.stderr)
-        run = Run(config)
-        n = None
-    else:
-        run = Run.resume(args.run_dir)
-        n = (args.steps or run.config.steps) - run.version
-    print(f"run directory: {run.dir.path if run.dir else '(none)'}", flush=True)
-    run.run(n, progress=not args.no_progress)
-    _finish(run)
+    built: list = []  # the run, once built (a signal before that exits at once: nothing to keep yet)
+    try:
+        with StopSignals(lambda signum: _on_stop(args, built, signum),
+                         on_again=lambda signum: _exit_now(args, built, signum)) as stop:
+            if args.command == "run":
+                config = config_from_args(args)
+                _print_lint(config, sys.stderr)
+                run = Run(config)
+                n = None
+            else:
+                run = Run.resume(args.run_dir, checkpoint=args.checkpoint)
+                n = _resume_updates(run, args.steps)
+            built.append(run)
+            print(f"run directory: {run.dir.path if run.dir else '(none)'}", flush=True)
+            target = run.version + (run.config.steps - run.version if n is None else n)
+            run.run(n, progress=not args.no_progress)
+        if stop.signum is not None and run.version < target:  # stopped early: checkpoint and summary written
+            print(_stop_line(run, f"stopped at update {run.version}"), file=sys.stderr, flush=True)
+            return stop.exit_code
+        _finish(run)
+    except KeyboardInterrupt:  # outside the stop handlers (the charts): the run itself is complete
+        print("interrupted while writing the run's charts: the run and its summary are complete", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     return 0
+
+
+def _resume_updates(run, steps: int | None) -> int:
+    """Updates left for ``resume [--steps N]``; refuses a resume that would train nothing."""
+    if steps is not None and steps <= run.version:
+        raise WorkbenchError(f"resume --steps {steps} is not past the run's update {run.version}: expected the "
+                             f"total to reach, > {run.version}")
+    if steps is None and run.version >= run.config.steps:
+        raise WorkbenchError(f"{run.dir.path} is complete ({run.version} of steps={run.config.steps} updates): "
+                             f"pass --steps N > {run.version} to train further")
+    return (steps or run.config.steps) - run.version
+
+
+def _stop_line(run, what: str) -> str:
+    """``<what>; resume with: python -m workbench resume DIR`` (or why there is nothing to resume)."""
+    if run is None or run.dir is None:
+        return f"{what}; nothing to resume (no run directory)"
+    return f"{what}; resume with: python -m workbench resume {shlex.quote(str(run.dir.path))}"
+
+
+def _on_stop(args, built: list, signum: int) -> None:
+    """First SIGINT / SIGTERM: the run stops after the update in progress; before it exists, exit now."""
+    if built:
+        built[0].request_stop()
+        return
+    if args.command == "resume":
+        print(f"stopped by {signal_name(signum)} while loading {args.run_dir}: nothing changed; resume with: "
+              f"python -m workbench resume {shlex.quote(str(args.run_dir))}", file=sys.stderr, flush=True)
+    else:
+        print(f"stopped by {signal_name(signum)} before the first update: nothing was trained", file=sys.stderr,
+              flush=True)
+    raise SystemExit(exit_code(signum))
+
+
+def _exit_now(args, built: list, signum: int) -> None:
+    """Second signal: leave at once (the latest checkpoint on disk is where a resume starts)."""
+    run = built[0] if built else None
+    what = f"{signal_name(signum)} again: exited at once during update {run.version if run else 0}"
+    if run is None or run.dir is None or run.dir.latest_checkpoint() is None:
+        print(f"{what}; no checkpoint was written yet: nothing to resume", file=sys.stderr, flush=True)
+    else:
+        print(_stop_line(run, f"{what} (a resume starts from the latest checkpoint)"), file=sys.stderr, flush=True)
+    raise SystemExit(exit_code(signum))
 
 
 def _print_lint(config, stream) -> list:

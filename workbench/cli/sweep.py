@@ -16,7 +16,8 @@ from workbench.sweeps import parse_grid, parse_seeds, sweep
 def add_parser(sub) -> None:
     """The ``sweep`` subcommand: its own flags, then the run flags."""
     parser = sub.add_parser("sweep", help="a grid of runs (or headless notebooks) on a local pool or Ray",
-                            epilog=registries_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=registries_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     add_arguments(parser)
     add_config_flags(parser)
 

@@ -47,6 +47,8 @@ ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2F
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+"""Weight files that only load by unpickling (running code from the file); ``load_policy`` refuses them."""
 TINY_MODEL: dict[str, int] = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                                   max_position_embeddings=64)
 """``ModelConfig(**TINY_MODEL)``: a ~35 k-parameter untrained model for tests, CI-sized notebooks and
@@ -169,6 +171,15 @@ def _missing(path: Path) -> str | None:
         return "it is not a folder"
     if not (path / "config.json").is_file():
         return "no config.json (model config) in the folder"
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in path.glob(pattern) if f.is_file())
+        if pickled:
+            return (f"its weights are pickled ({', '.join(pickled[:3])}) and workbench never unpickles: if you "
+                    "trust the folder, convert it once with python -c \"from transformers import AutoModelForCausalLM "
+                    f"as M, AutoTokenizer as T; d, o = {str(path)!r}, {str(path) + '-safetensors'!r}; "
+                    "M.from_pretrained(d).save_pretrained(o, safe_serialization=True); "
+                    "T.from_pretrained(d).save_pretrained(o)\" and pass the new folder")
+        return "no *.safetensors weights in the folder"
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)}) in the folder"
     return None
@@ -179,7 +190,9 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32",
     """Open a local Hugging Face checkpoint folder (model + tokenizer), by default fp32 on CPU.
 
     ``dtype``: float32 | bfloat16 | float16; ``device``: cpu | cuda | cuda:N | auto (CUDA when
-    present). Nothing is downloaded. A tokenizer without a pad token gets EOS as pad.
+    present). Nothing is downloaded and nothing is unpickled: the weights must be safetensors
+    (a folder with only ``pytorch_model.bin`` / ``*.pt`` is refused with the command that converts
+    it). A tokenizer without a pad token gets EOS as pad.
     """
     if dtype not in DTYPES:
         raise bad_value("dtype", dtype, " | ".join(DTYPES))
@@ -201,7 +214,8 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32",
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=ATTN_IMPLEMENTATION
+                path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=ATTN_IMPLEMENTATION,
+                use_safetensors=True,
             )
         if device != "cpu":
             model.to(device)

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import polars as pl
 
 from workbench.errors import WorkbenchError
+from workbench.runs.files import file_mode
 
 BASE = "metrics.parquet"
 PARTS = "metrics.parts"
@@ -299,6 +300,7 @@ def _replace(path: Path, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0o600 -> the umask's mode, as every run file
         os.replace(tmp, path)
     except BaseException:
         _unlink(Path(tmp))

@@ -24,28 +24,79 @@ batches of token ids and log-probs.
   the sync period count *batches*: s // U and max(1, n // U), so staleness in updates is a
   multiple of U (the logged per-update staleness says exactly what happened).
 
+- **memory budget**: the queue would hold (s + n) batches; at a sync the size of one batch (its
+  tensors and texts) times that count must fit in ``WORKBENCH_BUFFER_BUDGET_GB`` (default 8), else
+  the update refuses with the numbers (a lag of a million batches would otherwise fill memory for
+  hours before failing).
+- **progress**: a sync that generates more than ``PROGRESS_MIN_BATCHES`` batches (the theta_0
+  prefill of a long lag) logs a line when it starts, about every tenth of the way and at least every
+  ``PROGRESS_SECONDS``, with times.
+- **stopping mid-sync**: ``pop(..., should_stop=...)`` checks it after each generated batch and
+  raises ``SyncStopped`` when set: the batches made so far stay queued and the stats of this pop are
+  carried to the next one (checkpointed), so a stopped prefill resumes where it was, exactly (the
+  batches come from the same weights and RNG streams), instead of holding a stop for hours.
+
 Leaves out: partial/interruptible rollouts and per-token versions (AReaL), prioritised replay.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 from collections import deque
 from typing import Any, Callable
 
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
 
 Produce = Callable[[], tuple[Rollouts, dict[str, float]]]
+BUDGET_ENV = "WORKBENCH_BUFFER_BUDGET_GB"
+DEFAULT_BUDGET_GB = 8.0
+PROGRESS_MIN_BATCHES = 8  # a sync generating more batches than this logs its progress
+PROGRESS_SECONDS = 30.0
+
+
+class SyncStopped(Exception):
+    """A stop was requested while a sync generated batches; the buffer is consistent (see module doc)."""
+
+
+def budget_bytes() -> float:
+    """The buffer's memory budget: ``WORKBENCH_BUFFER_BUDGET_GB`` (GB, default 8), read at each sync."""
+    raw = os.environ.get(BUDGET_ENV, "")
+    try:
+        gb = float(raw) if raw.strip() else DEFAULT_BUDGET_GB
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise WorkbenchError(f"{BUDGET_ENV}={raw!r} is invalid: expected a number of gigabytes > 0")
+    return gb * 1e9
+
+
+def batch_nbytes(batch: Rollouts) -> int:
+    """Memory a queued batch holds: every tensor (ids, masks, log-probs, versions, rewards...) plus
+    its texts (prompts, completions, answers; ~50 bytes of object overhead each)."""
+    total = 0
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            total += value.element_size() * value.nelement()
+        elif isinstance(value, list) and value and isinstance(value[0], str):
+            total += sum(len(s) + 50 for s in value)
+    return total
 
 
 class StalenessBuffer:
     """Delay queue of scored batches. ``pop`` is called once per generated batch consumed."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Callable[[str], None] | None = None) -> None:
         self.queue: deque[tuple[Rollouts, dict[str, float]]] = deque()
         self.pops_since_sync = 0
         self.synced_once = False
+        self.log = log or (lambda s: None)  # progress lines of a long prefill
+        self.carried: dict[str, float] = {}  # stats of a pop stopped mid-sync, for the next pop
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -58,18 +109,23 @@ class StalenessBuffer:
         sync_every: int,
         max_staleness: int,
         produce: Produce,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[Rollouts, dict[str, float], dict[str, float]]:
         """The batch for the update that starts at ``version``.
 
         ``produce()`` generates and scores one batch with the current weights. Returns the batch,
-        the score metrics recorded when it was generated, and buffer metrics.
+        the score metrics recorded when it was generated, and buffer metrics. ``should_stop()``
+        True during a sync raises ``SyncStopped`` (module doc).
         """
         stats = {"buffer/generated_batches": 0.0, "buffer/dropped_batches": 0.0,
                  "buffer/dropped_stale_seqs": 0.0, "buffer/synced": 0.0}
+        for key, value in self.carried.items():
+            stats[key] += value
+        self.carried = {}
         while True:
             due = (not self.synced_once) or self.pops_since_sync >= sync_every or not self.queue
             if due:
-                self._sync(staleness, sync_every, produce, stats)
+                self._sync(version, staleness, sync_every, produce, stats, should_stop)
             batch, score_metrics = self.queue.popleft()
             self.pops_since_sync += 1
             if max_staleness >= 0:
@@ -83,16 +139,46 @@ class StalenessBuffer:
         stats["buffer/queue_len"] = float(len(self.queue))
         return batch, score_metrics, stats
 
-    def _sync(self, staleness: int, sync_every: int, produce: Produce, stats: dict[str, float]) -> None:
+    def _sync(self, version: int, staleness: int, sync_every: int, produce: Produce, stats: dict[str, float],
+              should_stop: Callable[[], bool] | None = None) -> None:
         while len(self.queue) > staleness:  # lag lowered live: jump to the new lag at once
             self.queue.popleft()
             stats["buffer/dropped_batches"] += 1
-        while len(self.queue) < staleness + sync_every:
+        target = staleness + sync_every
+        missing = target - len(self.queue)
+        every = max(1, -(-missing // 10)) if missing > PROGRESS_MIN_BATCHES else 0  # ~10 progress lines
+        if every:
+            self.log(f"buffer: generating {missing} batches before update {version} (a lag of {staleness} "
+                     f"batches, {sync_every} per sync)")
+        t0 = last = time.perf_counter()
+        made = 0
+        while len(self.queue) < target:
+            if self.queue and made <= 1:  # a batch to measure: refuse before the rest is generated
+                self._check_budget(target, staleness, sync_every)
             self.queue.append(produce())
+            made += 1
             stats["buffer/generated_batches"] += 1
+            now = time.perf_counter()
+            if every and (made % every == 0 or made == missing or now - last >= PROGRESS_SECONDS):
+                last = now
+                self.log(f"buffer: {made}/{missing} batches generated ({now - t0:.0f} s, "
+                         f"~{(now - t0) / made * (missing - made):.0f} s left)")
+            if should_stop is not None and len(self.queue) < target and should_stop():
+                self.carried = dict(stats)
+                raise SyncStopped(f"stopped during the sync before update {version} ({made}/{missing} batches)")
         self.pops_since_sync = 0
         self.synced_once = True
         stats["buffer/synced"] = 1.0
+
+    def _check_budget(self, target: int, staleness: int, sync_every: int) -> None:
+        """Refuse a queue of ``target`` batches whose size (estimated from the newest) exceeds the budget."""
+        per = batch_nbytes(self.queue[-1][0])
+        budget = budget_bytes()
+        if per * target > budget:
+            raise WorkbenchError(
+                f"a lag of {staleness} batches + {sync_every} per sync keeps {target} batches of ~{per / 1e6:.2f} MB "
+                f"in the buffer ({per * target / 1e9:.1f} GB), over the {budget / 1e9:g} GB budget ({BUDGET_ENV}); "
+                f"lower staleness / sync_every or raise {BUDGET_ENV}")
 
     # ---- checkpointing: tensors to safetensors, the rest to JSON ----
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -102,7 +188,8 @@ class StalenessBuffer:
             t, m = batch.to_state(prefix=f"queue{i}.")
             tensors.update(t)
             metas.append({"rollouts": m, "score_metrics": score_metrics})
-        return tensors, {"queue": metas, "pops_since_sync": self.pops_since_sync, "synced_once": self.synced_once}
+        return tensors, {"queue": metas, "pops_since_sync": self.pops_since_sync, "synced_once": self.synced_once,
+                         "carried": dict(self.carried)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.queue = deque(
@@ -111,3 +198,4 @@ class StalenessBuffer:
         )
         self.pops_since_sync = int(meta["pops_since_sync"])
         self.synced_once = bool(meta["synced_once"])
+        self.carried = {str(k): float(v) for k, v in meta.get("carried", {}).items()}  # absent before

@@ -9,13 +9,17 @@ some rows is ``None`` there). Functions must accept ``**kwargs``. A spec is a li
 ``name_or_callable`` | ``(name_or_callable, weight)`` | ``(name_or_callable, weight, params)``;
 ``params`` are extra keyword arguments for that one function (e.g. ``{"max_len": 64}``). Bad
 output (exception, None, wrong length, non-number, bool, NaN/inf) is a one-line ``WorkbenchError``;
-nothing is silently turned into 0. Lists, tuples, 1-D tensors and numpy arrays are accepted.
+nothing is silently turned into 0. Lists, tuples, 1-D tensors and 1-D numpy arrays are accepted;
+dicts, sets, strings and generators are refused (a dict's keys or a set's order would silently
+become the rewards).
 
 Left out: KL-in-reward shaping, model-based (LLM-judge) rewards.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Sequence, Union
@@ -154,19 +158,43 @@ def _parse_spec(spec: RewardSpec) -> list[tuple[str, RewardFn, float, dict[str, 
             raise bad_value(f"weight of reward {name!r}", weight, "a finite number")
         if not isinstance(params, dict):
             raise bad_value(f"params of reward {name!r}", params, "a dict of keyword arguments")
+        if isinstance(item, str):
+            _check_param_names(name, fn, params)
         out.append((name, fn, float(weight), dict(params)))
     return out
+
+
+PER_EXAMPLE = ("prompts", "completions", "answers", "response_lengths")
+
+
+def _check_param_names(name: str, fn: RewardFn, params: dict[str, Any]) -> None:
+    """A registered reward's params must be its own keyword parameters: every function takes
+    ``**kwargs``, which would swallow a misspelt one (``max_lne``) without a word."""
+    valid = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in PER_EXAMPLE]
+    unknown = sorted(set(params) - set(valid), key=str)
+    if unknown:
+        raise WorkbenchError(f"reward {name!r} has no parameter {unknown[0]!r}: valid parameters are "
+                             f"{', '.join(valid) or '(none)'}")
+
+
+def validate_spec(spec: RewardSpec) -> None:
+    """Check a spec without calling any function (names, weights, params): ``RunConfig`` does at
+    construction, so a bad reward term fails before a model is built."""
+    _parse_spec(spec)
 
 
 def _check_output(name: str, out: Any, n: int) -> torch.Tensor:
     """Validate a reward function's output into a float64 tensor [n], or raise a one-line error."""
     want = f"a list of {n} finite floats (one per completion)"
-    if out is None or isinstance(out, (str, bytes, numbers.Number)) or not hasattr(out, "__len__"):
+    array = isinstance(out, torch.Tensor) or (hasattr(out, "ndim") and hasattr(out, "tolist"))  # numpy too
+    sequence = isinstance(out, collections.abc.Sequence) and not isinstance(out, (str, bytes, bytearray))
+    if not (array or sequence):
         raise WorkbenchError(f"reward function {name!r} returned {_short(out)}: expected {want}")
-    if isinstance(out, torch.Tensor) and out.dim() != 1:
-        shape = tuple(out.shape)
-        raise WorkbenchError(f"reward function {name!r} returned a tensor of shape {shape}: expected {want}")
-    values = out.tolist() if hasattr(out, "tolist") else list(out)
+    if array and out.ndim != 1:
+        shape = tuple(getattr(out, "shape", ()))
+        raise WorkbenchError(f"reward function {name!r} returned an array of shape {shape}: expected {want}")
+    values = out.tolist() if array else list(out)
     if len(values) != n:
         raise WorkbenchError(f"reward function {name!r} returned {len(values)} values: expected {want}")
     for i, v in enumerate(values):
@@ -237,5 +265,5 @@ def compute_rewards(spec: RewardSpec, rollouts: Rollouts) -> torch.Tensor:
 
 __all__ = [
     "REWARDS", "RewardFn", "RewardSpec", "RewardTerm", "combine", "compute_rewards", "exact_match", "format_reward",
-    "overlong", "reward_kwargs",
+    "overlong", "reward_kwargs", "validate_spec",
 ]

@@ -14,6 +14,11 @@ the modules that load them (the loop, the policy, the run folder) are inside the
 every ``checkpoint_every`` updates) continues from that checkpoint, exactly; otherwise it reruns
 from scratch (``Run`` moves the old folder aside to ``<cell>.1``). Notebook cells always rerun.
 
+**Stopping.** A SIGTERM to a worker (a scheduler preempting it, ``kill PID``) while its cell trains
+stops the run after the update in progress, with a checkpoint and summary written: the cell is
+reported failed in one line (``stopped by SIGTERM at update N of M ...``) and, being incomplete,
+continues from that checkpoint on the next sweep. A second SIGTERM ends the process at once.
+
 **Warm starts.** The built-in model's warm start is trained (or found) under a file lock on its
 cache entry, so parallel first runs never race.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -30,8 +36,13 @@ from typing import Any, Callable
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.notebook import run_notebook
+from workbench.runs.stop import StopSignals, signal_name
 from workbench.sweeps.cells import CELL_FILE
 from workbench.sweeps.grid import one_line
+
+class CellStopped(Exception):
+    """A run cell stopped by a signal after a clean checkpoint (reported in one line, no traceback file)."""
+
 
 RETURNED_FILES = ("config.json", "metrics.parquet", "summary.json", "knob_events.jsonl", CELL_FILE,
                   "sweep_error.txt", "notebook.ipynb")  # what a Ray task sends back to the driver
@@ -96,6 +107,8 @@ def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None) -> 
         atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads,
                                                         "continued_from": continued}, indent=2, sort_keys=True))
         return {"status": "ok", "error": None, "seconds": seconds, "continued_from": continued}
+    except CellStopped as e:
+        return {"status": "failed", "error": str(e), "seconds": time.perf_counter() - t0}
     except Exception as e:  # noqa: BLE001 - a failing cell is reported, the sweep goes on
         tb = traceback.format_exc()
         try:
@@ -135,7 +148,11 @@ def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
         run = _continue_run(cfg, run_dir)
         continued = run.version if run is not None else None
         run = run if run is not None else Run(cfg, log=lambda s: None)
-        run.run(progress=False)
+        with StopSignals(lambda signum: run.request_stop(), signals=(signal.SIGTERM,), on_again=_die) as stop:
+            run.run(progress=False)
+        if stop.signum is not None and run.version < cfg.steps:  # run() wrote the checkpoint and summary
+            raise CellStopped(f"stopped by {signal_name(stop.signum)} at update {run.version} of {cfg.steps}; "
+                              f"checkpoint written: the next sweep continues from it")
         run.write_summary()
         return continued
     elif spec["mode"] == "notebook":
@@ -144,6 +161,12 @@ def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
         return None
     else:  # pragma: no cover
         raise WorkbenchError(f"sweep cell mode={spec['mode']!r} is invalid: expected run | notebook")
+
+
+def _die(signum: int) -> None:
+    """A second signal: end the process the way the signal itself would (the pool sees a dead worker)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _continue_run(cfg: RunConfig, run_dir: Path):

@@ -29,6 +29,7 @@ import copy
 import html
 import json
 import math
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from tqdm.std import tqdm
 from workbench.config import RunConfig
 from workbench.loop import Run, progress_postfix
 from workbench.notebook import has_frontend
+from workbench.runs.stop import StopSignals
 from workbench.charts import chart_spec, event_label, run_chart, save_png
 from workbench.ui.live import DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES, LiveCharts
 from workbench.ui.tokens import token_html, token_weights
@@ -147,15 +149,21 @@ class ControlPanel(PanelWidgets):
         self._wake.set()
 
     def _train_here(self, target: int) -> None:
-        """No frontend: train in the calling thread with a plain progress bar (stderr)."""
+        """No frontend: train in the calling thread with a plain progress bar (stderr). An interrupt
+        (SIGINT) stops after the update in progress, writes a checkpoint, then raises ``KeyboardInterrupt``."""
         n = max(0, target - self.run.version)
         self.trainer.target = target
-        with tqdm(total=n, unit="upd", desc=self.run.dir.path.name if self.run.dir else "run",
-                  mininterval=2.0) as bar:
-            while self.run.version < target:
+        stop = threading.Event()
+        with StopSignals(lambda signum: stop.set(), signals=(signal.SIGINT,)), \
+                tqdm(total=n, unit="upd", desc=self.run.dir.path.name if self.run.dir else "run", mininterval=2.0) as bar:
+            while self.run.version < target and not stop.is_set():
                 row = self.run.step()
                 bar.update(1)
                 bar.set_postfix_str(progress_postfix(row), refresh=False)
+        if stop.is_set() and self.run.version < target:
+            self.trainer.save_checkpoint()
+            self.log(f"interrupted: stopped at update {self.run.version}, checkpoint written")
+            raise KeyboardInterrupt
 
     # ================================================================ outputs
     def chart(self):
