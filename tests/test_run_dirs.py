@@ -354,3 +354,12 @@ def test_every_file_a_run_writes_has_the_umask_mode(tokenizer, tiny_model_config
         assert name in files, name
     assert set(files.values()) == {0o640}, files
     assert set(dirs.values()) == {0o750}, dirs
+
+
+def test_resume_with_an_unreadable_config_is_one_line(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "config.json").write_text("{oops")
+    with pytest.raises(WorkbenchError, match="config=.*is unreadable") as err:
+        Run.resume(d)
+    assert "\n" not in str(err.value)

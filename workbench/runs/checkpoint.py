@@ -91,7 +91,12 @@ def load(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Run
     if not (run_dir / "config.json").is_file():
         raise WorkbenchError(f"run_dir={str(run_dir)!r} is invalid: expected a run folder holding config.json")
     check_free(run_dir)
-    config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkbenchError(f"config={str(run_dir / 'config.json')!r} is unreadable ({type(e).__name__}: {e}): "
+                             f"expected the run's JSON config") from None
+    config = RunConfig.from_dict(saved)
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_dir() and (run_dir / "checkpoints" / path).is_dir():
