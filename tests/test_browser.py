@@ -114,13 +114,14 @@ def lab(tmp_path):
         log.close()
 
 
-def _try_scroll(locator) -> bool:
-    """Scroll ``locator`` into view; False (try again) if it was replaced while scrolling."""
+def _show_chart(page) -> bool:
+    """Scroll the panel's end into view (the panel element is stable; the chart's SVG is replaced on
+    every refresh, so scrolling the SVG itself can keep failing); True once a chart SVG is there."""
     try:
-        locator.scroll_into_view_if_needed(timeout=5_000)
-        return True
+        page.locator(".workbench-panel").first.evaluate("el => el.scrollIntoView({block: 'end'})")
     except Exception:
         return False
+    return page.locator(".workbench-panel svg").count() > 0
 
 
 def test_notebook_02_in_a_real_browser(lab, tmp_path):
@@ -183,7 +184,7 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
 
             # and the chart shows them: the knob rules' labels (SVG text) in the live chart
             # scroll the panel, not the SVG: the live chart re-renders (a new SVG element) on every refresh
-            _wait_for(lambda: _try_scroll(page.locator(".workbench-panel svg").first), 30, "the live chart")
+            _wait_for(lambda: _show_chart(page), 30, "the live chart")
             _wait_for(lambda: page.locator(f"svg text:has-text('staleness={readout}')").count() > 0, 60,
                       "the staleness rule in the chart")
             _wait_for(lambda: page.locator("svg text:has-text('objective=m2po')").count() > 0, 60,
