@@ -7,6 +7,8 @@ notebook cell or a CLI run fails with something a person can act on. A value's r
 
 from __future__ import annotations
 
+import json
+
 MAX_REPR = 200
 """Longest repr of a bad value quoted in a message (longer ones end in ``...``)."""
 
@@ -33,3 +35,14 @@ def one_line(text: object) -> str:
 def bad_value(field: str, value: object, expected: str) -> WorkbenchError:
     """Build the standard one-line error: ``field=value is invalid: expected ...``."""
     return WorkbenchError(one_line(f"{field}={short_repr(value)} is invalid: expected {expected}"))
+
+
+def parse_json(text: str, where: str, what: str = "invalid JSON") -> object:
+    """``json.loads(text)``, or a one-line WorkbenchError ``<where>: <what> (<problem> at line L,
+    column C)``; also for input nested too deeply to parse."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkbenchError(f"{where}: {what} ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise WorkbenchError(f"{where}: {what} (nested too deeply)") from None

@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workbench.errors import WorkbenchError, bad_value, short_repr
+from workbench.errors import WorkbenchError, bad_value, parse_json, short_repr
 from workbench.registry import Registry
 
 HELDOUT_SEED = 1_234_567  # fixed: the held-out set never depends on the run's seed
@@ -275,12 +275,7 @@ class JsonlTask(Task):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise WorkbenchError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:
-                    raise WorkbenchError(f"{where}: bad JSON (nested too deeply)") from None
+                obj = parse_json(line, where, "bad JSON")
                 if not isinstance(obj, dict):
                     raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 for key in ("prompt", "answer"):

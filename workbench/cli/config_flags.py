@@ -16,7 +16,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
 import os
 import tempfile
 import textwrap
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.config import RunConfig
-from workbench.errors import WorkbenchError, one_line, short_repr
+from workbench.errors import WorkbenchError, one_line, parse_json, short_repr
 from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.corrections import PRESETS, PROXIMAL_MODES, Correction
 from workbench.steps.reweight.reference import param_line
@@ -93,12 +92,7 @@ def load_config_file(path: str) -> dict[str, Any]:
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise WorkbenchError(f"{where}: invalid YAML ({one_line(getattr(e, 'problem', None) or e)}{at})") from None
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        except RecursionError:
-            raise WorkbenchError(f"{where}: invalid JSON (nested too deeply)") from None
+        data = parse_json(text, where)
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
         raise WorkbenchError(f"{where}: expected a mapping of RunConfig fields, got {got}")
