@@ -71,6 +71,18 @@ def cli_run(cfg: RunConfig) -> list[str]:
     return [sys.executable, "-m", "workbench", "run", "--config", str(path), "--no-progress"]
 
 
+# ``python -m workbench`` with every update slowed by 50 ms (the metrics do not change): a signal sent
+# once a run has 3 rows then always lands mid-run, however fast the machine or uneven the start-up.
+SLOW_CLI = ("import runpy, time, workbench.loop as L; step = L.Run.step; "
+            "L.Run.step = lambda self: (time.sleep(0.05), step(self))[1]; "
+            "runpy.run_module('workbench', run_name='__main__', alter_sys=True)")
+
+
+def slowed(cmd: list[str]) -> list[str]:
+    assert cmd[1:3] == ["-m", "workbench"]
+    return [cmd[0], "-c", SLOW_CLI, *cmd[3:]]
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -93,10 +105,15 @@ def wait_for(cond, timeout=120.0, every=0.02):
 def test_sigterm_and_sigint_stop_with_a_checkpoint_and_resume_exactly(model_dir, tmp_path, reference, capsys,
                                                                      monkeypatch):
     monkeypatch.setattr("workbench.charts.save_png", lambda spec, path: path)  # the resume's charts.png: not tested here
-    procs = {sig: start(cli_run(config(model_dir, tmp_path, sig.name))) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig, proc in procs.items():  # both start together (the imports dominate); each is stopped mid-run
-        wait_for(lambda: rows(tmp_path / sig.name) >= 3 or proc.poll() is not None)
-        proc.send_signal(sig)
+    procs = {sig: start(slowed(cli_run(config(model_dir, tmp_path, sig.name))))
+             for sig in (signal.SIGTERM, signal.SIGINT)}
+    waiting = dict(procs)  # both start together (the imports dominate); each is stopped mid-run
+    while waiting:
+        for sig, proc in list(waiting.items()):
+            if rows(tmp_path / sig.name) >= 3 or proc.poll() is not None:
+                proc.send_signal(sig)
+                del waiting[sig]
+        time.sleep(0.02)
     for sig, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], (sig, out, err)
@@ -112,6 +129,28 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint_and_resume_exactly(model_dir,
         assert main(["resume", str(d)]) == 0
         assert deterministic(read_metrics(d)).equals(reference)
     capsys.readouterr()
+
+
+# ``python -m workbench`` whose first ``import torch`` announces itself in a file, then takes 60 s:
+# a signal sent once the file exists lands while the libraries import.
+SLOW_IMPORT = ("import builtins, runpy, sys, time; real = builtins.__import__\n"
+               "def slow(name, *a, **k):\n"
+               "    if name == 'torch' and 'torch' not in sys.modules:\n"
+               "        open(sys.argv[-1], 'w').close(); time.sleep(60)\n"
+               "    return real(name, *a, **k)\n"
+               "builtins.__import__ = slow\n"
+               "runpy.run_module('workbench', run_name='__main__', alter_sys=True)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_libraries_import_exits_with_one_line(tmp_path, sig):
+    flag = tmp_path / "importing"
+    proc = start([sys.executable, "-c", SLOW_IMPORT, "run", "--steps", "1", "--out-dir", str(tmp_path), str(flag)])
+    wait_for(lambda: flag.exists() or proc.poll() is not None)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and err == "interrupted while starting: nothing was run\n", (out, err)
+    assert list(tmp_path.iterdir()) == [flag]
 
 
 def test_resume_refuses_steps_that_train_nothing(model_dir, tmp_path, capsys):
