@@ -8,6 +8,7 @@ most of a pool sweep's time is the spawned workers importing torch and transform
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,11 +20,20 @@ from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.policy.model import save_policy
 from workbench.sweeps import build_cells, cell_name, parse_grid, parse_seeds, read_sweep, sweep
+from workbench.sweeps.results import seed_intervals
 
 GRID = {"staleness": [0, 1], "objective": ["ppo_clip", "m2po"]}
 # an untrained model is never right: a length-shaped reward gives the groups reward variance
 REWARDS = (("exact_match", 1.0), ("overlong", 1.0, {"max_len": 4, "cache_len": 3}))
 QUIET = dict(progress=False, log=lambda s: None)
+Z95 = 1.959963984540054
+
+
+def wilson_by_roots(p: float, n: int) -> tuple[float, float]:
+    """{q : (p - q)^2 <= z^2 q (1 - q) / n}: the roots of (1 + z^2/n) q^2 - (2p + z^2/n) q + p^2."""
+    c = Z95 * Z95 / n
+    disc = math.sqrt((2 * p + c) ** 2 - 4 * (1 + c) * p * p)
+    return max(0.0, (2 * p + c - disc) / (2 * (1 + c))), min(1.0, (2 * p + c + disc) / (2 * (1 + c)))
 
 
 def metric_columns(df: pl.DataFrame) -> pl.DataFrame:
@@ -77,6 +87,47 @@ def test_pool_sweep_merges_every_run(pool_sweep):
     assert sorted(os.listdir(os.path.join(root, "runs")))[0] == "staleness=0__objective=m2po__seed=0"
 
 
+def test_sweep_results_carry_final_accuracy_intervals(pool_sweep):
+    _, root, _ = pool_sweep
+    # the wiring on real runs (the untrained model mostly scores 0 of 8: Wilson [0, 0.32]); the
+    # interval arithmetic on spread-out values is checked by hand in test_result_intervals_by_hand
+    runs = pl.read_parquet(os.path.join(root, "sweep_runs.parquet"))
+    assert runs["eval_n"].to_list() == [8] * 8  # eval_size 8 on a held-out set of 8
+    for r in runs.iter_rows(named=True):
+        lo, hi = wilson_by_roots(r["summary/eval/final_accuracy"], 8)
+        assert (r["final_accuracy_wilson_lo"], r["final_accuracy_wilson_hi"]) == pytest.approx((lo, hi), abs=1e-12)
+    # per grid point, over its two seeds: the mean, and a bootstrap interval that for two values is their range
+    for (staleness, objective), part in runs.group_by(["staleness", "objective"]):
+        finals = part["summary/eval/final_accuracy"].to_list()
+        assert part["seeds_ok"].to_list() == [2, 2]
+        assert part["final_accuracy_mean"].to_list() == pytest.approx([sum(finals) / 2] * 2, abs=1e-12)
+        assert part["final_accuracy_ci_lo"].to_list() == pytest.approx([min(finals)] * 2, abs=1e-12)
+        assert part["final_accuracy_ci_hi"].to_list() == pytest.approx([max(finals)] * 2, abs=1e-12)
+
+
+def test_result_intervals_by_hand():
+    runs = pl.DataFrame({
+        "status": ["ok", "ok", "ok", "ok", "failed", "ok"],
+        "objective": ["a", "a", "a", "b", "b", "c"],
+        "eval_n": [256, 256, 256, 10, 10, None],
+        "summary/eval/final_accuracy": [0.5, 0.25, 0.75, 0.0, None, 0.5],
+    })
+    out = seed_intervals(runs, ["objective"])
+    r = out.to_dicts()
+    assert (r[0]["final_accuracy_wilson_lo"], r[0]["final_accuracy_wilson_hi"]) == pytest.approx(
+        wilson_by_roots(0.5, 256), rel=1e-9)
+    assert (r[3]["final_accuracy_wilson_lo"], r[3]["final_accuracy_wilson_hi"]) == pytest.approx(
+        (0.0, Z95**2 / 10 / (1 + Z95**2 / 10)), rel=1e-9)  # 0 of 10 by hand
+    assert r[4]["final_accuracy_wilson_lo"] is None and r[5]["final_accuracy_wilson_hi"] is None  # failed; n unknown
+    # a: three seeds, mean 0.5; a resample's mean is 0.25 (all three draws 0.25) or 0.75 with probability
+    # 1/27 each, more than 2.5%: the interval is [0.25, 0.75]
+    assert [r[i]["seeds_ok"] for i in range(6)] == [3, 3, 3, 1, 1, 1]  # per grid point; the failed run does not count
+    assert (r[0]["final_accuracy_mean"], r[0]["final_accuracy_ci_lo"], r[0]["final_accuracy_ci_hi"]) == pytest.approx(
+        (0.5, 0.25, 0.75), rel=1e-12)
+    assert r[3]["final_accuracy_mean"] == 0.0 and r[3]["final_accuracy_ci_lo"] is None  # one seed: no interval
+    assert out.columns[:4] == runs.columns and out.height == 6
+
+
 def test_rerun_skips_completed_runs(base, pool_sweep):
     df, root, _ = pool_sweep
     metrics = sorted(p for p in (os.path.join(root, "runs", r, "metrics.parquet") for r in df["run"].unique()))
@@ -109,6 +160,8 @@ def test_failing_cell_is_reported_and_the_others_complete(base):
     assert runs["status"].to_list() == ["ok", "ok", "failed", "failed"]
     err = runs["error"][2]
     assert "overlong max_len=None is invalid" in err and "\n" not in err
+    assert runs["seeds_ok"].to_list() == [1, 1, 0, 0] and runs["final_accuracy_ci_lo"].null_count() == 4
+    assert runs["final_accuracy_wilson_lo"].null_count() == 2 and runs["eval_n"].to_list() == [8] * 4
     assert df.filter(pl.col("status") == "ok").height == 6
     failed = df.filter(pl.col("status") == "failed")
     assert failed.height == 2 and failed["update"].null_count() == 2 and failed["error"][0] == err

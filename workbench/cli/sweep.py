@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from workbench.cli.config_flags import add_config_flags, config_from_args, registries_epilog
-from workbench.sweeps import parse_grid, parse_seeds, sweep
+from workbench.sweeps import SweepStopped, parse_grid, parse_seeds, sweep
 
 
 def add_parser(sub) -> None:
@@ -53,9 +53,13 @@ def cli_main(args) -> int:
     grid = parse_grid(args.grid)
     seeds = parse_seeds(args.seeds)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    merged = sweep(base, grid, seeds, notebook=args.notebook, params_file=args.params_file, ray=args.ray,
-                   workers=args.workers,
-                   threads_per_run=args.threads_per_run, name=args.name, progress=not args.no_progress, log=log)
+    try:
+        merged = sweep(base, grid, seeds, notebook=args.notebook, params_file=args.params_file, ray=args.ray,
+                       workers=args.workers, threads_per_run=args.threads_per_run, name=args.name,
+                       progress=not args.no_progress, log=log)
+    except SweepStopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     failed = (merged.filter(merged["status"] != "ok")["run"].unique(maintain_order=True).to_list()
               if merged.height else [])
     for run in failed:

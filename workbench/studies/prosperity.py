@@ -30,7 +30,15 @@ than where it began; None if never). ``zeroed``: mean fraction of tokens whose g
 objective zeroed (``offpolicy/clipfrac`` + ``offpolicy/masked_frac``: PPO clipping, M2PO masking);
 ``truncated``: mean fraction whose weight was capped but still carries gradient (CISPO, TOPR).
 Seeds are summarised as mean and spread (half the max - min range; with two seeds, the distance
-of each seed from the mean).
+of each seed from the mean); the report's intervals across seeds are in
+``workbench.studies.prosperity_intervals``.
+
+**Seeds, and what they cost.** The report's grid (``SIZES["cpu"]``) runs 3 seeds per cell: 63
+runs of 300 updates, about 135 minutes on 2 cores, half again the 42 runs (about 90 minutes) of 2
+seeds. Two seeds give a bootstrap interval that is just their range, one seed none at all; three
+is the fewest at which an interval across seeds means something, and still covers less than 95%.
+The workshop size keeps one seed (7 runs, about 8 minutes, for a classroom): its report shows
+each run's Wilson interval of one evaluation instead, the evaluation noise only.
 
 Left out: staleness-adaptive learning rates, the paper's model sizes and tasks (see the report's
 scale section), significance tests (two or three seeds cannot support them).
@@ -79,8 +87,8 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    "cpu": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=2,
-                steps=300, minutes="about 90"),
+    "cpu": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=3,
+                steps=300, minutes="about 135 (estimated: 2 seeds took about 90)"),
     "workshop": Size(staleness=(64, 256), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=150,
                      minutes="about 8"),
 }

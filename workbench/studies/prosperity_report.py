@@ -2,17 +2,20 @@
 
 ``curve_chart(df, column)`` draws one metric over updates, one facet per staleness, one colour per
 objective (the on-policy reference repeated in every facet), the mean over seeds as a line and the
-seeds' min..max as a band. Held-out accuracy (logged every ``eval_every`` updates) is drawn as
-logged; per-update metrics are smoothed with a trailing mean over ``smooth`` updates per run first.
-``write_report`` renders the figures to PNG (offline, vl-convert) and writes the Markdown report:
-setup, the four checks with their evidence, the objective x staleness table, figures, and the
-comparison with the paper's scale. ``python -m workbench report`` (``workbench.cli.report``) is the CLI.
+percentile-bootstrap 95% interval of that mean as a band (none where a cell has one seed).
+Held-out accuracy (logged every ``eval_every`` updates) is drawn as logged; per-update metrics are
+smoothed with a trailing mean over ``smooth`` updates per run first. ``write_report`` renders the
+figures to PNG (offline, vl-convert) and writes the Markdown report: setup, the four checks with
+their evidence and intervals, the ranking per staleness, the objective x staleness table with
+intervals across seeds (``workbench.studies.prosperity_intervals``), figures, and the comparison
+with the paper's scale. ``python -m workbench report`` (``workbench.cli.report``) is the CLI.
 
-Left out: HTML output, statistical tests, per-token histograms of the ratios.
+Left out: HTML output, per-token histograms of the ratios.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +27,12 @@ from workbench.charts import save_png
 from workbench.errors import WorkbenchError
 from workbench.notebook import has_frontend
 from workbench.runs.rundir import atomic_write_text
+from workbench.stats import RESAMPLES, bootstrap_ci, wilson_interval
 from workbench.studies.prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, Check, check_claims, drift_matched_staleness,
                          runs_table, summary_table)
+from workbench.studies.prosperity_intervals import (CONFIDENCE, IQM_MIN_SEEDS, accuracy_text, cell_intervals,
+                                                    check_interval, closest_lines, with_last)
+from workbench.sweeps.results import eval_problems
 
 # (file stem, column(s) summed into the value, title)
 FIGURES: list[tuple[str, tuple[str, ...], str]] = [
@@ -48,7 +55,9 @@ def _objective_order(objectives: list[str]) -> list[str]:
 
 
 def curve_frame(df: pl.DataFrame, columns: tuple[str, ...], *, smooth: int = 10, every: int = 5) -> pl.DataFrame:
-    """Long frame (objective, staleness, update, mean, lo, hi) of ``sum(columns)`` over seeds.
+    """Long frame (objective, staleness, update, mean, lo, hi) of ``sum(columns)`` over seeds: ``lo`` /
+    ``hi`` bound the percentile-bootstrap 95% interval of the mean (``workbench.stats.bootstrap_ci``,
+    seed 0; null where one seed has a value).
 
     Sparse columns (``eval/``) keep their logged rows; dense ones are smoothed per run (trailing
     mean over ``smooth`` updates) and thinned to every ``every``-th update (and each run's last). The on-policy reference
@@ -67,8 +76,8 @@ def curve_frame(df: pl.DataFrame, columns: tuple[str, ...], *, smooth: int = 10,
                                                (pl.col("update") + 1).alias("update"), value)
         part = part.with_columns(pl.col("value").fill_nan(None).rolling_mean(smooth, min_samples=1).over("run"))
         part = part.filter((pl.col("update") % every == 0) | (pl.col("update") == pl.col("update").max().over("run")))
-    agg = part.group_by("objective", "staleness", "update").agg(
-        pl.col("value").mean().alias("mean"), pl.col("value").min().alias("lo"), pl.col("value").max().alias("hi"))
+    values = pl.col("value").drop_nulls().drop_nans().alias("values")
+    agg = _band(part.group_by("objective", "staleness", "update").agg(values))
     stale = sorted(s for s in agg["staleness"].unique().to_list() if s > 0)
     ref = agg.filter(pl.col("objective") == ONPOLICY)
     rest = agg.filter(pl.col("objective") != ONPOLICY)
@@ -78,12 +87,22 @@ def curve_frame(df: pl.DataFrame, columns: tuple[str, ...], *, smooth: int = 10,
     return pl.concat([ref, rest]).sort("objective", "staleness", "update")
 
 
+def _band(groups: pl.DataFrame) -> pl.DataFrame:
+    """``values`` (a list per row) -> ``mean``, ``lo``, ``hi``: the mean and its bootstrap 95% interval."""
+    cis = [bootstrap_ci(v, "mean", CONFIDENCE) if len(v) else (None, None, None) for v in groups["values"].to_list()]
+    real = [[None if x is None or math.isnan(x) else x for x in ci] for ci in cis]  # NaN: no interval (null)
+    cols = [pl.Series(name, [r[i] for r in real], dtype=pl.Float64) for i, name in enumerate(("mean", "lo", "hi"))]
+    return groups.drop("values").with_columns(*cols)
+
+
+BAND_TEXT = "line: mean over seeds; band: 95% bootstrap CI of that mean (no band with one seed)"
 SYMLOG = ("offpolicy/m2",)  # spans 0 (on-policy) to ~25 (collapsed IS): a symlog axis shows both
 
 
 def curve_chart(df: pl.DataFrame, columns: tuple[str, ...] | str, title: str = "", *, smooth: int = 10,
                 width: int = 210, height: int = 150) -> alt.TopLevelMixin:
-    """One metric over updates: facets = staleness, colour = objective, line = mean, band = seeds."""
+    """One metric over updates: facets = staleness, colour = objective, line = mean over seeds, band =
+    the bootstrap 95% interval of the mean (``BAND_TEXT``, the chart's subtitle)."""
     columns = (columns,) if isinstance(columns, str) else tuple(columns)
     data = curve_frame(df, columns, smooth=smooth)
     if not data.height:
@@ -99,9 +118,12 @@ def curve_chart(df: pl.DataFrame, columns: tuple[str, ...] | str, title: str = "
                                             y2="hi:Q")
     line = base.mark_line(strokeWidth=1.6).encode(
         y="mean:Q", strokeDash=alt.condition(f"datum.objective == '{ONPOLICY}'", alt.value([4, 2]), alt.value([1, 0])),
-        tooltip=["objective:N", "staleness:Q", "update:Q", alt.Tooltip("mean:Q", format=".4g")])
+        tooltip=["objective:N", "staleness:Q", "update:Q", alt.Tooltip("mean:Q", format=".4g"),
+                 alt.Tooltip("lo:Q", title="95% CI lo", format=".4g"),
+                 alt.Tooltip("hi:Q", title="95% CI hi", format=".4g")])
     chart = alt.layer(band, line, data=alt.Data(values=data.to_dicts())).properties(width=width, height=height)
-    return chart.facet(column=alt.Column("staleness:O", title="staleness")).properties(title=title or columns[0])
+    return chart.facet(column=alt.Column("staleness:O", title="staleness")).properties(
+        title=alt.TitleParams(text=title or columns[0], subtitle=BAND_TEXT))
 
 
 def figures(df: pl.DataFrame, *, smooth: int = 10) -> dict[str, alt.TopLevelMixin]:
@@ -125,23 +147,33 @@ def show_chart(chart: alt.TopLevelMixin, path: str | Path):
 
 
 # ----------------------------------------------------------------------------- the Markdown
-def _pm(row: dict[str, Any], stat: str, scale: float = 100.0, digits: int = 1) -> str:
-    v, s = row[stat], row[f"{stat}_spread"]
-    if v is None:
-        return "-"
-    return f"{scale * v:.{digits}f} ± {scale * s:.{digits}f}" if row["seeds"] > 1 else f"{scale * v:.{digits}f}"
+def _mean(row: dict[str, Any], stat: str, scale: float = 100.0, digits: int = 1) -> str:
+    v = row[stat]
+    return "-" if v is None or math.isnan(v) else f"{scale * v:.{digits}f}"
 
 
-def markdown_table(table: pl.DataFrame) -> str:
-    """The objective x staleness table of ``summary_table`` as Markdown (accuracies in points)."""
-    head = ("| staleness | objective | seeds | final acc. (%) | best acc. (%) | collapse: seeds, mean update "
-            "| zeroed tokens (%) | truncated tokens (%) | M2 | ESS |")
-    lines = [head, "|" + "---|" * 10]
+def markdown_table(table: pl.DataFrame, runs: pl.DataFrame | None = None, *, eval_n: int | None = None) -> str:
+    """The objective x staleness table of ``summary_table`` as Markdown (accuracies in points).
+
+    With ``runs`` (``runs_table``, or ``prosperity_intervals.with_last`` of it for the Wilson
+    intervals, which also need ``eval_n``) the accuracies carry their intervals (``accuracy_text``)
+    and an IQM column is filled from ``IQM_MIN_SEEDS`` seeds; without, they are means over seeds.
+    The token fractions, M2 and ESS are means over seeds."""
+    cells = {}
+    if runs is not None:
+        cells = {(r["objective"], r["staleness"]): r for r in cell_intervals(runs, eval_n).iter_rows(named=True)}
+    head = ("| staleness | objective | seeds | final acc. (%) | best acc. (%) | IQM final (%) | collapse: seeds, mean "
+            "update | zeroed tokens (%) | truncated tokens (%) | M2 | ESS |")
+    lines = [head, "|" + "---|" * 11]
     for r in table.iter_rows(named=True):
+        c = cells.get((r["objective"], r["staleness"]))
+        final, best = ((accuracy_text(c, "final"), accuracy_text(c, "best")) if c
+                       else (_mean(r, "final"), _mean(r, "best")))
+        iqm = accuracy_text(c, "iqm") if c and r["seeds"] >= IQM_MIN_SEEDS else "-"
         collapse = f"{r['collapsed']} of {r['seeds']}" + (f", {r['collapse']:.0f}" if r["collapsed"] else "")
-        lines.append(f"| {r['staleness']} | {r['objective']} | {r['seeds']} | {_pm(r, 'final')} | {_pm(r, 'best')} "
-                     f"| {collapse} | {_pm(r, 'zeroed', digits=3)} | {_pm(r, 'truncated', digits=3)} "
-                     f"| {_pm(r, 'm2', 1.0, 4)} | {_pm(r, 'ess', 1.0, 3)} |")
+        lines.append(f"| {r['staleness']} | {r['objective']} | {r['seeds']} | {final} | {best} | {iqm} "
+                     f"| {collapse} | {_mean(r, 'zeroed', digits=3)} | {_mean(r, 'truncated', digits=3)} "
+                     f"| {_mean(r, 'm2', 1.0, 4)} | {_mean(r, 'ess', 1.0, 3)} |")
     return "\n".join(lines)
 
 
@@ -154,24 +186,17 @@ def drift_table(table: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def closest_lines(table: pl.DataFrame) -> list[str]:
-    """Per staleness: the objectives by final accuracy, best first, with their gap to on-policy."""
-    ref = table.filter(pl.col("objective") == ONPOLICY)
-    base = ref["final"][0] if ref.height else None
-    lines = []
-    for s in sorted(x for x in table["staleness"].unique().to_list() if x > 0):
-        rows = table.filter(pl.col("staleness") == s).sort("final", descending=True).iter_rows(named=True)
-        parts = [f"{r['objective']} {100 * r['final']:.1f}%"
-                 + (f" ({100 * (r['final'] - base):+.1f})" if base is not None else "") for r in rows]
-        lines.append(f"- staleness {s}: " + ", ".join(parts))
-    if base is not None:
-        lines.append(f"- (final accuracy, points against on-policy {100 * base:.1f}%)")
-    return lines
-
-
-def check_lines(checks: list[Check]) -> list[str]:
+def check_lines(checks: list[Check], runs: pl.DataFrame | None = None, staleness: int | None = None,
+                eval_n: int | None = None) -> list[str]:
+    """One line per statement: holds / does not hold, its evidence, and with ``runs`` (``runs_table``)
+    the intervals behind it at ``staleness`` (``check_interval``: whether each difference is resolved)."""
     mark = {True: "holds", False: "**does not hold**", None: "not measured"}
-    return [f"- ({c.name}) {c.statement}: {mark[c.holds]}. {c.evidence}." for c in checks]
+    out = []
+    for c in checks:
+        why = check_interval(c.name, runs, staleness, eval_n) if runs is not None and c.holds is not None else ""
+        out.append(f"- ({c.name}) {c.statement}: {mark[c.holds]}. {c.evidence}."
+                   + (f" Intervals: {why}." if why else ""))
+    return out
 
 
 def _describe_base(base: dict[str, Any], steps: int) -> str:
@@ -187,12 +212,14 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
                     figure_stems: tuple[str, ...] = (), size: str = "", seconds: float | None = None) -> str:
     """The report's text. ``base``: the sweeps' base config (``RunConfig.to_dict()``, as in their
     ``sweep.json``); ``figure_stems`` (of ``FIGURES``) are linked from ``figure_dir``, relative to the report."""
-    runs = runs_table(df)
+    runs = with_last(runs_table(df), df)
     table = summary_table(runs)
     checks = check_claims(table)
     matched = drift_matched_staleness(table)
     stale = sorted(s for s in table["staleness"].unique().to_list() if s > 0)
     steps = int(runs["updates"].max())
+    eval_n = eval_problems(base)
+    seeds = int(runs.group_by("objective", "staleness").len()["len"].max())
     failed = df.filter(pl.col("status") != "ok")["run"].unique().to_list() if "status" in df.columns else []
     out = [
         "# Prosperity before collapse, at CPU scale",
@@ -207,17 +234,18 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
         "come from the initial policy, so at staleness s >= the run length every update trains on data "
         "from the starting policy.",
         f"- Objectives: {', '.join(df['objective'].unique(maintain_order=True).to_list())}; "
-        f"seeds per cell: {int(runs.group_by('objective', 'staleness').len()['len'].max())}.",
-        f"- Final accuracy is the mean of the last {FINAL_EVALS} held-out evaluations (256 problems each, "
-        "about ±3 points of binomial noise per evaluation); ± is the spread over seeds (half the max - min "
-        "range). A run *collapses* when, after its best evaluation, it falls below its starting accuracy.",
+        f"seeds per cell: {seeds}.",
+        f"- Final accuracy is the mean of the last {FINAL_EVALS} held-out evaluations ({_noise_text(eval_n)}). "
+        "A run *collapses* when, after its best evaluation, it falls below its starting accuracy.",
+        f"- {_interval_text(seeds)}",
     ]
     if seconds is not None:
         out.append(f"- Compute: {seconds / 60:.0f} run-minutes in total.")
     if failed:
         out.append(f"- Failed runs (excluded): {', '.join(failed)}.")
     highest = max(stale) if stale else None
-    out += ["", f"## The four statements at the highest staleness ({highest})", ""] + check_lines(checks)
+    out += ["", f"## The four statements at the highest staleness ({highest})", ""]
+    out += check_lines(checks, runs, highest, eval_n)
     out += ["", "## How stale is stale: a drift gauge", "",
             "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
             "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
@@ -226,14 +254,15 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     if matched is not None and matched != highest:
         out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
                 f"staleness-256 data. The four statements at staleness {matched}:", ""]
-        out += check_lines(check_claims(table, staleness=matched))
+        out += check_lines(check_claims(table, staleness=matched), runs, matched, eval_n)
     elif matched is not None:
         out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
-    out += ["", "## Closest to on-policy", ""] + closest_lines(table)
-    out += ["", "## Objective x staleness", "", markdown_table(table), ""]
+    out += ["", "## Closest to on-policy", ""] + closest_lines(runs)
+    out += ["", "## Objective x staleness", "", markdown_table(table, runs, eval_n=eval_n), ""]
     if figure_stems:
-        out += ["## Figures", "", "Lines are the mean over seeds, bands the seeds' range; the dashed line is the "
-                "on-policy reference, repeated in every panel. Per-update metrics are smoothed over 10 updates.", ""]
+        out += ["## Figures", "", "Lines are the mean over seeds, bands the 95% bootstrap interval of that mean "
+                "(no band where a cell has one seed); the dashed line is the on-policy reference, repeated in every "
+                "panel. Per-update metrics are smoothed over 10 updates.", ""]
         for stem, _, title in FIGURES:
             if stem in figure_stems:
                 out += [f"### {title}", "", f"![{title}]({figure_dir}/{stem}.png)", ""]
@@ -241,10 +270,36 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     for st in dict.fromkeys(x for x in (highest, matched) if x is not None):
         misses = [c for c in check_claims(table, staleness=st) if c.holds is False]
         if misses:
-            out.append(f"- At staleness {st}: " + "; ".join(f"({c.name}) does not hold" for c in misses) + ".")
+            out.append(f"- At staleness {st}: " + "; ".join(
+                f"({c.name}) does not hold" + (f" ({why})" if (why := check_interval(c.name, runs, st, eval_n)) else "")
+                for c in misses) + ".")
         else:
-            out.append(f"- At staleness {st}: every statement measured holds.")
+            out.append(f"- At staleness {st}: every statement measured holds (intervals: see the statements above).")
     return "\n".join(out) + "\n"
+
+
+def _noise_text(eval_n: int | None) -> str:
+    """How noisy one evaluation is: the Wilson 95% interval at 50% accuracy on ``eval_n`` problems."""
+    if not eval_n:
+        return "problems per evaluation unknown: the sweeps' base config was not given"
+    lo, hi = wilson_interval(eval_n / 2, eval_n, CONFIDENCE)
+    return (f"{eval_n} problems each; one evaluation at 50% accuracy has a {100 * CONFIDENCE:g}% Wilson interval of "
+            f"±{50 * (hi - lo):.1f} points")
+
+
+def _interval_text(seeds: int) -> str:
+    """What the brackets in the table and the statements mean."""
+    iqm = ("the IQM column is the interquartile mean over seeds (Agarwal et al. 2021, arXiv:2108.13264) with its "
+           "interval" if seeds >= IQM_MIN_SEEDS else
+           f"no IQM: it needs at least {IQM_MIN_SEEDS} seeds (below that the 25% trim drops no run and it is the mean)")
+    return (f"Brackets are {100 * CONFIDENCE:g}% percentile-bootstrap intervals across seeds ({RESAMPLES:,} "
+            "resamples, seed 0): of the mean in the table, of a difference in the statements and the ranking, where a "
+            "difference is "
+            "*resolved* when its interval excludes 0 (or the statement's threshold). With two seeds the interval of "
+            "a mean is the two seeds' range, and with two or three it covers less than 95%. A cell with one seed has "
+            "no across-seed interval: `W [lo, hi]` is the Wilson interval of its last evaluation, the binomial "
+            f"noise alone. {iqm[0].upper() + iqm[1:]}. In the statements' evidence, +- is half the seeds' range "
+            "(max - min) / 2.")
 
 
 def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *, command: str,
@@ -264,7 +319,8 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
     return path
 
 
-__all__ = ["FIGURES", "check_lines", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table", "markdown_table", "render_markdown", "show_chart", "write_report"]
+__all__ = ["BAND_TEXT", "FIGURES", "check_lines", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table",
+           "markdown_table", "render_markdown", "show_chart", "write_report"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use: python -m workbench report")

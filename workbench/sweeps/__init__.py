@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from workbench.sweeps.backends import usable_cores
 from workbench.sweeps.cells import CELL_FILE, MERGED_FILE, RUNS_FILE, SPEC_FILE, Cell, build_cells, is_complete
-from workbench.sweeps.driver import default_name, sweep
+from workbench.sweeps.driver import SweepStopped, default_name, sweep
 from workbench.sweeps.grid import cell_name, parse_grid, parse_seeds, parse_value, split_values
 from workbench.sweeps.results import merge, read_sweep
 from workbench.sweeps.worker import limit_threads, run_cell, warm_locked
 
-__all__ = ["CELL_FILE", "Cell", "MERGED_FILE", "RUNS_FILE", "SPEC_FILE", "build_cells", "cell_name", "default_name",
+__all__ = ["CELL_FILE", "Cell", "MERGED_FILE", "RUNS_FILE", "SPEC_FILE", "SweepStopped", "build_cells", "cell_name", "default_name",
            "is_complete", "limit_threads", "merge", "parse_grid", "parse_seeds", "parse_value", "read_sweep",
            "run_cell", "split_values", "sweep", "usable_cores", "warm_locked"]

@@ -13,12 +13,21 @@ summary, knob events) come back to the driver, which writes them into the sweep 
 (checkpoints stay where the task ran: on a cluster without a shared filesystem, on the worker node).
 
 Every finished cell goes through ``finish``: its status, its error reported as one line, the bar.
+
+**Stopping** (SIGINT or SIGTERM to the driver; a Ctrl-C in the terminal reaches the workers too,
+which ignore it): no new cell starts, the cells training stop after their update in progress with a
+checkpoint (the next sweep continues them exactly), and the back-end returns the signal; the driver
+then writes the results so far and raises ``SweepStopped``. In this process the running cell's own
+handler stops it; on the pool the driver sets a flag the workers share (a cell checks it after
+every update, a queued cell before it starts); on Ray the tasks in flight finish. A second signal
+ends at once (pool workers are terminated).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
+from workbench.runs.stop import STOP_SIGNALS, StopSignals, exit_now
 from workbench.sweeps.cells import CELL_FILE, Cell
 from workbench.sweeps.grid import one_line
 from workbench.sweeps.worker import init_worker, ray_task, run_cell
@@ -48,7 +58,10 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None]) -> None:
-    """Record a cell's result (and, from Ray, write its files), report a failure, advance the bar."""
+    """Record a cell's result (and, from Ray, write its files), report a failure, advance the bar.
+    A ``pending`` result (a queued cell the stop kept from starting) only stays pending."""
+    if result["status"] == "pending":
+        return
     cell.status, cell.error, cell.seconds = result["status"], result.get("error"), result.get("seconds")
     files = result.get("files") or {}
     if files:
@@ -63,25 +76,56 @@ def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None]) 
         bar.update(1)
 
 
-def run_serial(cells: list[Cell], bar, log: Callable[[str], None]) -> None:
-    """``workers=0``: one after another in this process."""
-    for c in cells:
-        finish(c, run_cell(c.spec, str(c.run_dir), None), bar, log)
+def run_serial(cells: list[Cell], bar, log: Callable[[str], None]) -> int | None:
+    """``workers=0``: one after another in this process. Returns the signal that stopped it (or None)."""
+    with StopSignals(lambda signum: None) as between:  # a signal between cells: recorded, no cell starts
+        for c in cells:
+            if between.signum is not None:
+                return between.signum
+            result = run_cell(c.spec, str(c.run_dir), None, signals=STOP_SIGNALS)  # its own handlers inside
+            finish(c, result, bar, log)
+            if result.get("stopped"):
+                return result["stopped"]
+        return between.signum
 
 
-def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[str], None]) -> None:
+def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[str], None]) -> int | None:
     """Spawned worker processes; a dead worker breaks the pool: rebuild it, resubmit unfinished cells once.
+    Returns the signal that stopped the sweep (or None).
 
     When every result is in, the pool is shut down without waiting for the workers' interpreters to
     tear down (results are already written; the processes exit on their own)."""
+    ctx = mp.get_context("spawn")
+    flag = ctx.Value("i", 0, lock=False)  # an int store is atomic; the handler must not take a lock
+
+    def stop(signum: int) -> None:
+        flag.value = signum
+
+    def again(signum: int) -> None:
+        for p in mp.active_children():
+            p.terminate()
+        exit_now(signum)
+
+    with StopSignals(stop, on_again=again):
+        _pool_loop(cells, workers, threads, bar, log, ctx, flag)
+    return flag.value or None
+
+
+def _pool_loop(cells, workers, threads, bar, log, ctx, flag) -> None:
     pending = list(cells)
     attempts = {c.index: 0 for c in cells}
-    while pending:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=mp.get_context("spawn"),
-                                   initializer=init_worker, initargs=(threads,))
+    while pending and not flag.value:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
+                                   initializer=init_worker, initargs=(threads, flag))
         broken: list[Cell] = []
         try:
-            futures = {pool.submit(run_cell, c.spec, str(c.run_dir), threads): c for c in pending}
+            # workers are spawned by submit and keep an ignored SIGINT through exec: a Ctrl-C while
+            # they import is then no KeyboardInterrupt traceback in a worker (the driver decides)
+            sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                futures = {pool.submit(run_cell, c.spec, str(c.run_dir), threads): c for c in pending}
+            finally:
+                signal.signal(signal.SIGINT, sigint)
             for c in pending:
                 attempts[c.index] += 1
             for fut in as_completed(futures):
@@ -96,6 +140,8 @@ def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=bool(broken))
+        if flag.value:
+            return
         pending = [c for c in broken if attempts[c.index] < 2]
         for c in broken:
             if attempts[c.index] >= 2:
@@ -106,8 +152,8 @@ def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[
 
 
 def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, bar,
-            log: Callable[[str], None]) -> None:
-    """Each cell a Ray task; at most ``workers`` in flight (None: all)."""
+            log: Callable[[str], None]) -> int | None:
+    """Each cell a Ray task; at most ``workers`` in flight (None: all). Returns the stop signal (or None)."""
     try:
         import ray as ray_mod  # an optional extra: only Ray sweeps need it
     except ImportError:
@@ -125,15 +171,17 @@ def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, 
                 ray_mod.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
         else:
             ray_mod.init(address=address, log_to_driver=False)
+    stopped = StopSignals(lambda signum: None)
     try:
+        stopped.__enter__()  # a signal: no new task is submitted, the ones in flight finish
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
                "POLARS_MAX_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         task = ray_mod.remote(ray_task).options(num_cpus=threads, runtime_env={"env_vars": env})
         queue = list(cells)
         inflight: dict[Any, Cell] = {}
         limit = workers or len(cells)
-        while queue or inflight:
-            while queue and len(inflight) < limit:
+        while (queue and stopped.signum is None) or inflight:
+            while queue and len(inflight) < limit and stopped.signum is None:
                 c = queue.pop(0)
                 inflight[task.remote(c.spec, str(c.run_dir), threads)] = c
             ready, _ = ray_mod.wait(list(inflight), num_returns=1)
@@ -145,8 +193,10 @@ def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, 
                     result = {"status": "failed", "error": one_line(e)}
                 finish(c, result, bar, log)
     finally:
+        stopped.__exit__(None, None, None)
         if started:
             ray_mod.shutdown()
+    return stopped.signum
 
 
 def _write_back(run_dir: Path, files: dict[str, bytes]) -> None:

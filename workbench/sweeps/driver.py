@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
+from workbench.runs.stop import exit_code, signal_name
 from workbench.sweeps.backends import progress_bar, run_pool, run_ray, run_serial, usable_cores
 from workbench.sweeps.cells import MERGED_FILE, SPEC_FILE, Cell, build_cells, is_complete
 from workbench.sweeps.grid import RESERVED, canon, describe, one_line, short_hash
@@ -100,26 +101,38 @@ def sweep(base: RunConfig, grid: dict[str, list[Any]], seeds: int | list[int] | 
                                      f"model failed: {one_line(e)}") from None
 
     bar = progress_bar(len(cells), done, progress)
+    signum = None
     try:
         if not todo:
             pass
         elif ray is not None:
-            run_ray(todo, ray, workers, threads_per_run, bar, log)
+            signum = run_ray(todo, ray, workers, threads_per_run, bar, log)
         elif workers == 0:
-            run_serial(todo, bar, log)
+            signum = run_serial(todo, bar, log)
         else:
             n = min(workers or max(1, usable_cores() // threads_per_run), len(todo))
-            run_pool(todo, n, threads_per_run, bar, log)
+            signum = run_pool(todo, n, threads_per_run, bar, log)
     finally:
         if bar is not None:
             bar.close()
 
     merged = merge(cells, list(grid), "seed" not in grid)
     write_results(root, merged, cells, list(grid), "seed" not in grid)
-    failed = [c for c in cells if c.status != "ok"]
-    log(f"sweep {root}: {len(cells) - len(failed)} ok, {len(failed)} failed, {done} resumed -> "
-        f"{root / MERGED_FILE}")
+    ok = sum(c.status == "ok" for c in cells)
+    if signum is not None:
+        raise SweepStopped(signum, f"sweep {root} stopped by {signal_name(signum)}: {ok} of {len(cells)} runs "
+                                   f"complete, results so far in {root / MERGED_FILE}; the same sweep (same "
+                                   f"command, or name={name!r}) continues where it stopped")
+    log(f"sweep {root}: {ok} ok, {len(cells) - ok} failed, {done} resumed -> {root / MERGED_FILE}")
     return merged
+
+
+class SweepStopped(Exception):
+    """A sweep stopped by SIGINT / SIGTERM after its running cells checkpointed (``exit_code``: 128 + signal)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, exit_code(signum)
 
 
 def default_name(base: RunConfig, grid: dict[str, list[Any]], seeds: Any, notebook: Any) -> str:

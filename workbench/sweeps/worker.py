@@ -17,7 +17,10 @@ from scratch (``Run`` moves the old folder aside to ``<cell>.1``). Notebook cell
 **Stopping.** A SIGTERM to a worker (a scheduler preempting it, ``kill PID``) while its cell trains
 stops the run after the update in progress, with a checkpoint and summary written: the cell is
 reported failed in one line (``stopped by SIGTERM at update N of M ...``) and, being incomplete,
-continues from that checkpoint on the next sweep. A second SIGTERM ends the process at once.
+continues from that checkpoint on the next sweep. A second SIGTERM ends the process at once. Pool
+workers ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and the driver
+alone decides (it forwards a SIGTERM to every worker, ``backends.run_pool``). In this process
+(``workers=0``) a cell stops on SIGINT too, and the result says which signal stopped it.
 
 **Warm starts.** The built-in model's warm start is trained (or found) under a file lock on its
 cache entry, so parallel first runs never race.
@@ -43,6 +46,10 @@ from workbench.sweeps.grid import one_line
 class CellStopped(Exception):
     """A run cell stopped by a signal after a clean checkpoint (reported in one line, no traceback file)."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 RETURNED_FILES = ("config.json", "metrics.parquet", "summary.json", "knob_events.jsonl", CELL_FILE,
                   "sweep_error.txt", "notebook.ipynb")  # what a Ray task sends back to the driver
@@ -64,9 +71,21 @@ def limit_threads(threads: int) -> None:
         pass
 
 
-def init_worker(threads: int) -> None:
-    """Pool initializer: thread limits, then the imports every cell needs (paid once per worker)."""
+_SWEEP_STOP: Any = None  # in a pool worker: the driver's shared stop flag (0, or the signal that stopped it)
+
+
+def stop_requested() -> int:
+    """The signal the sweep's driver was stopped by (0: none, or not in a pool worker)."""
+    return int(_SWEEP_STOP.value) if _SWEEP_STOP is not None else 0
+
+
+def init_worker(threads: int, stop: Any = None) -> None:
+    """Pool initializer: the driver's stop flag, thread limits, then the imports every cell needs
+    (paid once per worker)."""
+    global _SWEEP_STOP
+    _SWEEP_STOP = stop
     limit_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver forwards a stop as SIGTERM (module docstring)
     try:
         import workbench.loop  # noqa: F401  (warm-up, after the thread limits)
     except Exception:  # noqa: BLE001 - the cell reports the import error itself
@@ -93,22 +112,27 @@ def warm_locked(config: RunConfig, log: Callable[[str], None] = lambda s: None) 
         warm_start(task, mcfg, scfg, log=log)
 
 
-def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
-    """Execute one cell in this process; never raises for a failing run (the error is returned)."""
+def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None,
+             signals: tuple[int, ...] = (signal.SIGTERM,)) -> dict[str, Any]:
+    """Execute one cell in this process; never raises for a failing run (the error is returned).
+
+    ``signals`` stop a run cell after the update in progress (the result's ``stopped`` is the signal)."""
     if threads:
         limit_threads(threads)
     from workbench.runs.rundir import atomic_write_text  # loads torch and polars: after the thread limits
 
     t0 = time.perf_counter()
     path = Path(run_dir)
+    if stop_requested():  # queued before the driver stopped: not started, the next sweep runs it
+        return {"status": "pending", "error": None, "seconds": 0.0}
     try:
-        continued = _execute(spec, path)
+        continued, signum = _execute(spec, path, signals)
         seconds = time.perf_counter() - t0
         atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads,
                                                         "continued_from": continued}, indent=2, sort_keys=True))
-        return {"status": "ok", "error": None, "seconds": seconds, "continued_from": continued}
+        return {"status": "ok", "error": None, "seconds": seconds, "continued_from": continued, "stopped": signum}
     except CellStopped as e:
-        return {"status": "failed", "error": str(e), "seconds": time.perf_counter() - t0}
+        return {"status": "failed", "error": str(e), "seconds": time.perf_counter() - t0, "stopped": e.signum}
     except Exception as e:  # noqa: BLE001 - a failing cell is reported, the sweep goes on
         tb = traceback.format_exc()
         try:
@@ -138,8 +162,9 @@ def ray_task(spec: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]
     return out
 
 
-def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
-    """Run the cell; returns the update a run continued from (None when it started from scratch)."""
+def _execute(spec: dict[str, Any], run_dir: Path, signals: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """Run the cell; returns the update a run continued from (None when it started from scratch) and
+    the stop signal that came during its last update (None: none came)."""
     if spec["mode"] == "run":
         from workbench.loop import Run  # torch: after the thread limits (module docstring)
 
@@ -148,17 +173,19 @@ def _execute(spec: dict[str, Any], run_dir: Path) -> int | None:
         run = _continue_run(cfg, run_dir)
         continued = run.version if run is not None else None
         run = run if run is not None else Run(cfg, log=lambda s: None)
-        with StopSignals(lambda signum: run.request_stop(), signals=(signal.SIGTERM,), on_again=_die) as stop:
+        run.hooks.append(lambda r, row: r.request_stop() if stop_requested() else None)
+        with StopSignals(lambda signum: run.request_stop(), signals=signals, on_again=_die) as stop:
             run.run(progress=False)
-        if stop.signum is not None and run.version < cfg.steps:  # run() wrote the checkpoint and summary
-            raise CellStopped(f"stopped by {signal_name(stop.signum)} at update {run.version} of {cfg.steps}; "
-                              f"checkpoint written: the next sweep continues from it")
+        signum = stop.signum or stop_requested() or None
+        if signum is not None and run.version < cfg.steps:  # run() wrote the checkpoint and summary
+            raise CellStopped(f"stopped by {signal_name(signum)} at update {run.version} of {cfg.steps}; "
+                              f"checkpoint written: the next sweep continues from it", signum)
         run.write_summary()
-        return continued
+        return continued, signum
     elif spec["mode"] == "notebook":
         run_dir.mkdir(parents=True, exist_ok=True)
         run_notebook(spec["notebook"], parameters=spec["parameters"], output=run_dir / "notebook.ipynb")
-        return None
+        return None, None
     else:  # pragma: no cover
         raise WorkbenchError(f"sweep cell mode={spec['mode']!r} is invalid: expected run | notebook")
 
