@@ -370,6 +370,50 @@ def test_a_line_of_exactly_the_limit_is_read(tmp_path):
     assert len(make_task("jsonl", path=str(path), heldout_fraction=0.3).train) + 1 == 3
 
 
+# ------------------------------------------------------------------- parquet and save_to_disk tasks
+DATA_PARAMS = [dict(prompt=None), dict(prompt=""), dict(prompt=5), dict(prompt="{}"), dict(prompt="{a.b}"),
+               dict(prompt="{0}"), dict(prompt="x {"), dict(prompt="nosuch"), dict(answer=None), dict(answer=""),
+               dict(answer=["answer"]), dict(answer="nosuch"), dict(extra="level"), dict(extra=[1]),
+               dict(extra=["level", "level"]), dict(extra=[""]), dict(extra=["nosuch"]), dict(extra=["answers"]),
+               dict(answer_format=None), dict(answer_format="GSM8K"), dict(answer_format="gsm8k"),
+               dict(answer_format="boxed"), dict(answer_regex=5), dict(answer_regex=""), dict(answer_regex="["),
+               dict(answer_regex="(a)(b)"), dict(answer_regex="zzz"), dict(answer_regex="1", answer_format="boxed"),
+               dict(verify=None), dict(verify="exact_match"), dict(heldout_fraction=1.0), dict(heldout_fraction=-1),
+               dict(heldout_fraction=True), dict(heldout_fraction="0.1"), dict(heldout_fraction=float("nan")),
+               dict(max_answer_tokens=0), dict(max_answer_tokens=2.5), dict(path=None), dict(path=""),
+               dict(path=7), dict(path="a\0b"), dict(nosuch=1)]
+SPLIT_PARAMS = [dict(split="dev"), dict(split=3), dict(split=["train"]), dict(heldout_split="dev"),
+                dict(heldout_split=None, split="nope"), dict(heldout_split="train"),
+                dict(heldout_split="test", heldout_fraction=0.1)]
+
+
+def _data_files(root: Path) -> tuple[Path, Path]:
+    """A parquet file and a save_to_disk DatasetDict folder (pyarrow streams, state.json) of the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"prompt": ["1+1=", "2+2=", "3+3=", "4+4="], "answer": ["2", "4", "6", "8"], "level": [1, 2, 3, 4]})
+    pq.write_table(table, root / "t.parquet")
+    for split in ("train", "test"):
+        (root / "ds" / split).mkdir(parents=True)
+        with pa.OSFile(str(root / "ds" / split / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        (root / "ds" / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (root / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    return root / "t.parquet", root / "ds"
+
+
+@pytest.mark.parametrize("task,params", [(t, p) for p in DATA_PARAMS for t in ("parquet", "hf_dataset")]
+                         + [("hf_dataset", p) for p in SPLIT_PARAMS] + [("parquet", dict(split="train"))],
+                         ids=lambda v: v if isinstance(v, str) else repr(v)[:40])
+def test_bad_data_task_params(task, params, tmp_path):
+    parquet, folder = _data_files(tmp_path)
+    path = str(parquet if task == "parquet" else folder)
+    msg = clean_error(make_task, task, **{"path": path, **params}, root=tmp_path)
+    assert len(msg) < 1000
+
+
 # --------------------------------------------------------------------------------------- rewards
 def _gen():
     yield 1.0

@@ -304,9 +304,10 @@ def test_decoupled_with_prox_equal_current_weights_by_capped_pi_over_mu(preset):
 
 
 def test_loglinear_alpha_by_hand():
-    # update at version 5 (v_prox = 5, v_theta = 6): behaviour versions 3 (stale 2), 5 (on-policy), 0
-    alpha = loglinear_alpha(torch.tensor([3, 5, 0]), 5)
-    close(alpha, [(5 - 3) / (6 - 3), 0.0, 5 / 6])
+    # AReaL numbering, update at version 5: v_theta = 5, v_prox = 4; behaviour versions 3 (stale 2),
+    # 5 (on-policy: v_theta - v_b = 0 -> 0), 4 (stale 1 -> 0), 0 (stale 5)
+    alpha = loglinear_alpha(torch.tensor([3, 5, 4, 0]), 5)
+    close(alpha, [(4 - 3) / (5 - 3), 0.0, 0.0, 4 / 5])
 
 
 def test_loglinear_proximal_by_hand():
@@ -314,7 +315,7 @@ def test_loglinear_proximal_by_hand():
     beh = torch.tensor([[-1.6, -1.4], [-0.5, -math.inf]], dtype=F64)
     mask = torch.tensor([[1, 1], [1, 0]])
     prox, alpha = loglinear_proximal(lp, beh, torch.tensor([3, 5]), 5, mask)
-    a = 2 / 3
+    a = 1 / 2  # (4 - 3) / (5 - 3); the on-policy row gets alpha 0 (pi_prox = mu)
     close(prox, [[-1.6 + a * (-1.0 + 1.6), -1.4 + a * (-2.0 + 1.4)], [-0.5, 0.0]])
     assert not prox.requires_grad and bool(torch.isfinite(prox).all())
 
@@ -442,8 +443,8 @@ def test_loop_recompute_is_once_per_batch_so_reuse_moves_the_ratio(tokenizer, ti
 
 def test_loop_loglinear_alpha_follows_the_staleness(tokenizer, tiny_model_config):
     df = make_run(tokenizer, tiny_model_config, staleness=2, proximal="loglinear", correction="areal").run(4)
-    # update k trains on data from version k - min(k, 2): alpha = s / (s + 1)
-    assert df["correction/prox_alpha_mean"].to_list() == pytest.approx([0.0, 1 / 2, 2 / 3, 2 / 3])
+    # update k trains on data from version k - min(k, 2): AReaL's alpha = (s - 1) / s, 0 for s <= 1
+    assert df["correction/prox_alpha_mean"].to_list() == pytest.approx([0.0, 0.0, 1 / 2, 1 / 2])
 
 
 def test_loop_with_correction_resumes_exactly(tokenizer, tiny_model_config, tmp_path):

@@ -4,6 +4,7 @@ the analytic weights of the simple objectives derived here in plain Python from 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -141,3 +142,77 @@ def test_bad_input_is_a_one_line_error(bad, match):
     with pytest.raises(WorkbenchError, match=match) as err:
         weight_curve(kw["name"], kw["ratios"], kw["sign"], **kw["params"])
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the explorer's charts (notebook 03)
+def _y_axis_ranges(spec) -> list[tuple[float, float]]:
+    """(lo, hi) of every panel's y axis as vl-convert renders it (the aria-label Vega writes per axis)."""
+    import vl_convert as vlc
+
+    from workbench.charts import spec_and_version
+
+    s, version = spec_and_version(spec)
+    svg = vlc.vegalite_to_svg(s, vl_version=version)
+    number = r"(-?[\d.e+-]+)"
+    axis = "Y-axis titled 'gradient weight w' for a linear scale"
+    found = re.findall(rf"{axis} with values from {number} to {number}", svg)
+    return [(float(lo), float(hi)) for lo, hi in found]
+
+
+def test_every_curve_panel_is_scaled_to_its_own_curve_with_one_sign_legend():
+    from workbench.ui.curves import SIGNS, CurveExplorer
+
+    names = ["ppo_clip", "tb", "wpo", "reinforce"]
+    ex = CurveExplorer(names, points=31, headless=True)
+    spec = ex.spec()
+    assert spec["resolve"] == {"scale": {"y": "independent"}}
+    frame = ex.frame()
+    for (lo, hi), name, panel in zip(_y_axis_ranges(spec), names, spec["concat"]):
+        enc = panel["layer"][0]["encoding"]
+        assert "domain" not in enc["y"]["scale"]  # no fixed range: tb's ~167 is drawn, not clipped away
+        w = frame.filter(frame["objective"] == name)["weight"]
+        pad = 0.5 * (hi - lo)  # lo, hi: the first and last tick; the (nice) scale reaches a little beyond
+        assert lo - pad <= w.min() and w.max() <= hi + pad, (name, lo, hi, w.min(), w.max())
+        if w.max() - w.min() > 1e-3:  # a real curve fills a good part of its axis
+            assert (w.max() - w.min()) >= 0.3 * (hi - lo), (name, lo, hi)
+        assert enc["color"]["scale"]["domain"] == SIGNS == enc["strokeDash"]["scale"]["domain"]
+        assert enc["color"]["title"] == enc["strokeDash"]["title"] == "advantage"  # one merged legend
+    import vl_convert as vlc
+
+    from workbench.charts import spec_and_version
+
+    s, version = spec_and_version(spec)
+    svg = vlc.vegalite_to_svg(s, vl_version=version)
+    assert svg.count(">A &gt; 0</text>") == 1 and svg.count(">A &lt; 0</text>") == 1  # one legend for the grid
+
+
+def test_explorer_starts_on_ppo_clip_with_its_curve_next_to_its_sliders():
+    from workbench.ui.curves import CurveExplorer
+
+    ex = CurveExplorer(["is", "m2po", "ppo_clip"], points=21, headless=False)
+    assert ex.selected == "ppo_clip" and ex.widgets["objective"].value == "ppo_clip"
+    top = ex.box.children[0]
+    controls, focus = top.children
+    assert focus is ex.widgets["focus"] and ex.widgets["params"] in controls.children  # side by side
+    assert focus.spec["title"]["text"] == "ppo_clip"
+    assert {r["o"] for r in focus.spec["datasets"]["curves"]} == {"ppo_clip"}
+    ex.set_params("ppo_clip", clip_high=0.28)  # a slider move redraws the curve beside it
+    assert "clip_high=0.28" in focus.spec["title"]["subtitle"]
+    band = [(r["r"], r["w"]) for r in focus.spec["datasets"]["curves"] if r["s"] == "A > 0" and 1.2 < r["r"] < 1.28]
+    assert band and all(w == pytest.approx(r) for r, w in band)  # inside the widened band now (0 at clip_high 0.2)
+    ex.widgets["objective"].value = "m2po"  # the dropdown
+    assert ex.selected == "m2po" and focus.spec["title"]["text"] == "m2po"
+    assert [w.description for w in ex.widgets["params"].children][:1] == ["tau"]
+    with pytest.raises(WorkbenchError, match="objective='nope'"):
+        ex.select("nope")
+    assert CurveExplorer(["is", "reinforce"], points=5, headless=True).selected == "is"  # ppo_clip not drawn
+
+
+def test_drawn_weights_round_off_near_zero_to_zero():
+    import polars as pl
+
+    from workbench.ui.curves import _rows
+
+    frame = pl.DataFrame({"objective": ["a"] * 3, "advantage_sign": [1, 1, -1], "ratio": [0.5, 1.0, 2.0],
+                          "weight": [3e-17, 1.0, float("nan")]})
+    assert [r["w"] for r in _rows(frame, ["a"])] == [0.0, 1.0, None]

@@ -1,7 +1,7 @@
-"""Every notebook executed headless with papermill under notebooks/params/ci.yaml, asserting on the
-values of its summary.json; notebook 02 replays a recorded interactive session exactly; committed
-notebooks carry no outputs and one tagged parameters cell. Each execution is ~20-30 s on 2 cores
-(most of it the kernel importing torch, transformers and altair)."""
+"""Every notebook executed headless with papermill under its notebooks/params/ci/<stem>.yaml,
+asserting on the values of its summary.json; notebook 02 replays a recorded interactive session
+exactly; committed notebooks carry no outputs and one tagged parameters cell. Each execution is
+~20-30 s on 2 cores (most of it the kernel importing torch, transformers and altair)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import nbformat
 import polars as pl
 import pytest
 
-from workbench.notebook import load_params_file, notebooks_dir, run_notebook, setup
+from workbench.chart_render import VEGA_MIMETYPE
+from workbench.charts import network_refs
+from workbench.notebook import ci_params, load_params_file, notebooks_dir, run_notebook, setup
 from workbench.steps.reweight import OBJECTIVES
 
 from ui_helpers import scripted_session
 
-CI = notebooks_dir() / "params" / "ci.yaml"
 NOTEBOOKS = sorted(notebooks_dir().glob("*.ipynb"))
-LIMIT = 120.0  # seconds: each notebook under ci.yaml
+LIMIT = 120.0  # seconds: each notebook under its CI parameters file
 
 
 def test_the_five_notebooks_exist():
@@ -46,11 +47,20 @@ def test_committed_notebook_is_clean(path):
 
 
 def _check_time(summary):
+    """Within the time limit, and the executed notebook is clean: no error output, no network reference
+    (every chart renders offline: the Vega bundle JupyterLab draws itself, plus a PNG), no traceback."""
     assert summary["notebook_seconds"] < LIMIT, summary["notebook_seconds"]
+    nb = nbformat.read(summary["executed_notebook"], as_version=4)
+    assert network_refs(nb) == []
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert not [o for o in outputs if "Traceback" in str(o.get("text", ""))]
+    for data in (o["data"] for o in outputs if VEGA_MIMETYPE in o.get("data", {})):
+        assert "image/png" in data and "text/html" not in data
 
 
 def test_01_quickstart(tmp_path):
-    s = run_notebook("01", params_file=CI, cwd=tmp_path)
+    s = run_notebook("01", params_file=ci_params("01"), cwd=tmp_path)
     _check_time(s)
     assert s["updates"] == 6
     assert 0.0 <= s["eval/initial_accuracy"] <= 1.0 and 0.0 <= s["eval/final_accuracy"] <= 1.0
@@ -67,7 +77,7 @@ def test_02_live_replays_a_recorded_interactive_session_exactly(tokenizer, tmp_p
 
     from workbench.ui import ControlPanel
 
-    params = load_params_file(CI, "02_staleness_and_clipping_live")
+    params = load_params_file(ci_params("02"))
     fields = {k: v for k, v in params.items() if k not in ("tiny",)}
     # same thread count on both sides: other tests may have changed this process's torch threads
     config, model, tok = setup(True, **{**fields, "threads": 2, "out_dir": str(tmp_path / "live"),
@@ -81,7 +91,7 @@ def test_02_live_replays_a_recorded_interactive_session_exactly(tokenizer, tmp_p
     recorded = tmp_path / "live" / "session" / "knob_events.jsonl"
     assert panel.run.version == params["steps"] and len(recorded.read_text().splitlines()) == 2
 
-    s = run_notebook("02", params_file=CI, cwd=tmp_path, parameters={"knob_schedule": str(recorded), "threads": 2})
+    s = run_notebook("02", params_file=ci_params("02"), cwd=tmp_path, parameters={"knob_schedule": str(recorded), "threads": 2})
     _check_time(s)
     assert s["updates"] == params["steps"] and s["knob_events"] == 2 and s["interactive"] is False
     assert s["objective"] == "m2po" and s["staleness"] == 4 and 0.0 <= s["eval/final_accuracy"] <= 1.0
@@ -94,7 +104,7 @@ def test_02_live_replays_a_recorded_interactive_session_exactly(tokenizer, tmp_p
 
 
 def test_03_objectives_explained(tmp_path):
-    s = run_notebook("03", params_file=CI, cwd=tmp_path)
+    s = run_notebook("03", params_file=ci_params("03"), cwd=tmp_path)
     _check_time(s)
     assert s["objectives"] == OBJECTIVES.names() and s["points"] == 41 and s["all_finite"] is True
     assert s["weight_at_ratio_1"]["reinforce"] == {"pos": 1.0, "neg": 1.0}
@@ -105,7 +115,7 @@ def test_03_objectives_explained(tmp_path):
 
 
 def test_04_same_batch_replay(tmp_path):
-    s = run_notebook("04", params_file=CI, cwd=tmp_path)
+    s = run_notebook("04", params_file=ci_params("04"), cwd=tmp_path)
     _check_time(s)
     assert s["objectives"] == OBJECTIVES.names() and s["staleness"] == 3 and s["signal_tokens"] > 0
     assert -1.0 <= s["fresh_batch_cosine"] <= 1.0
@@ -120,7 +130,7 @@ def test_04_same_batch_replay(tmp_path):
 
 
 def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
-    s = run_notebook("05", params_file=CI, cwd=tmp_path)
+    s = run_notebook("05", params_file=ci_params("05"), cwd=tmp_path)
     _check_time(s)
     assert s["runs"] == 3 and s["failed"] == 0  # on-policy + ppo_clip, m2po at staleness 2, one seed
     assert s["staleness"] == [2] and s["objectives"] == ["ppo_clip", "m2po"] and s["steps"] == 4
@@ -130,6 +140,8 @@ def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
     cells = {(r["objective"], r["staleness"]) for r in s["table"]}
     assert cells == {("on-policy", 0), ("ppo_clip", 2), ("m2po", 2)}
     d = Path(s["summary_path"]).parent
+    nb = nbformat.read(s["executed_notebook"], as_version=4)
+    assert sum(VEGA_MIMETYPE in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 6
     for stem in ("accuracy", "zeroed", "m2", "ess", "entropy", "response_len"):
         assert (d / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
     sweep_runs = pl.read_parquet(next((tmp_path / "runs").glob("prosperity-*-stale")) / "sweep_runs.parquet")

@@ -22,7 +22,9 @@ import test_reweight_chord as chord
 import test_reweight_covariance as covariance
 import test_reweight_is_weighted as is_weighted
 import test_reweight_m2po as m2po
+import test_reweight_peer_rules as peer_rules
 import test_reweight_ppo_family as ppo_family
+import test_reweight_preference as preference
 import test_reweight_rec as rec
 import test_reweight_smooth as smooth
 import test_reweight_sequence_level as sequence_level
@@ -31,7 +33,8 @@ from reweight_helpers import (
     ADV, F64, R, VALID, close, example, make_context, on_policy_grads, random_batch, run_example,
 )
 
-FAMILIES = (ppo_family, is_weighted, sequence_level, m2po, adaptive, smooth, rec, covariance, trajectory, chord)
+FAMILIES = (ppo_family, is_weighted, sequence_level, m2po, adaptive, smooth, rec, covariance, trajectory, chord,
+            preference, peer_rules)
 SEED_FAMILIES = (adaptive, smooth, rec, covariance, trajectory, chord)  # the families beyond the classic objectives
 
 

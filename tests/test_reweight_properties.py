@@ -124,8 +124,11 @@ def test_finite_loss_and_gradients_zero_on_padding_no_warnings(batch, agg):
 def _scales_with_advantage(name: str, params: dict) -> bool:
     """False for objectives with a term that does not vanish with A: a regulariser (rec's k2 /
     forward_kl, r2vpo's ratio penalty, kl_cov's |log r| on its top-k tokens, which it selects even when
-    every covariance is 0, as the released code does) or a learning signal other than A (tb's rewards)."""
+    every covariance is 0, as the released code does) or a learning signal other than A (tb's rewards,
+    the preference objectives' reward-ranked pairs)."""
     if name in ("r2vpo", "tb", "kl_cov"):
+        return False
+    if name in ("online_dpo", "ipo", "wpo", "copg", "slic"):
         return False
     return not (name == "rec" and params.get("regularizer", "none") != "none")
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
 from workbench.steps.score import (
@@ -99,6 +100,80 @@ def test_bad_advantage_inputs():
         ADVANTAGES.get("grpo")(R, G[:3])
     with pytest.raises(WorkbenchError, match="unknown advantage estimator 'ppo'.*grpo"):
         score(make(["1"], ["1"], [0]), "exact_match", advantage="ppo")
+
+
+# --------------------------------------------------------------- estimator options (advantage_params)
+C = [1.0, 2.0, -1.0, -2.0, 0.0]  # R - mean_G for R, G above
+
+
+def test_lite_ppo_std_choices_hand_computed():
+    f, r = ADVANTAGES.get("lite_ppo"), R.double()
+    # TRL scale_rewards="batch": unbiased std of the raw rewards, sqrt(11.2 / 4)
+    trl = [c / (math.sqrt(2.8) + 1e-6) for c in C]
+    assert f(r, G).tolist() == pytest.approx(trl, rel=1e-12)
+    assert f(r, G, std="batch_rewards").tolist() == pytest.approx(trl, rel=1e-12)
+    # AReaL group mean + batch std: unbiased std of the centred rewards, sqrt(10 / 4)
+    assert f(r, G, std="batch_centred").tolist() == pytest.approx([c / (math.sqrt(2.5) + 1e-6) for c in C], rel=1e-12)
+    # a batch whose centred rewards have a smaller spread than the raw ones: the two really differ
+    r2, g2 = torch.tensor([10.0, 11.0, 0.0, 1.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1])
+    c2 = [-0.5, 0.5, -0.5, 0.5]  # centred; raw mean 5.5, squares 20.25+30.25+30.25+20.25 = 101 -> /3
+    assert f(r2, g2).tolist() == pytest.approx([c / (math.sqrt(101 / 3) + 1e-6) for c in c2], rel=1e-12)
+    assert f(r2, g2, std="batch_centred").tolist() == pytest.approx([c / (math.sqrt(1 / 3) + 1e-6) for c in c2],
+                                                                     rel=1e-12)
+
+
+def _token_whitened(c: list[float], lengths: list[int], eps: float = 1e-6) -> list[float]:
+    """verl's masked_whiten of the advantage broadcast over each row's tokens (unbiased variance),
+    read back one value per row; rows without tokens get 0."""
+    tokens = [x for x, n in zip(c, lengths) for _ in range(n)]
+    mean = sum(tokens) / len(tokens)
+    std = math.sqrt(sum((x - mean) ** 2 for x in tokens) / (len(tokens) - 1))
+    return [(x - mean) / (std + eps) if n else 0.0 for x, n in zip(c, lengths)]
+
+
+def test_reinforce_pp_whiten_sequences_or_tokens_hand_computed():
+    f, r = ADVANTAGES.get("reinforce_pp"), R.double()
+    seq = [c / (math.sqrt(2.5) + 1e-6) for c in C]  # the centred mean is 0 over sequences
+    assert f(r, G).tolist() == pytest.approx(seq, rel=1e-12)
+    assert f(r, G, whiten="sequences").tolist() == pytest.approx(seq, rel=1e-12)
+    # tokens, lengths (2, 1, 3, 1, 3), N = 10: m = sum L c / N = -1 / 10, s^2 = sum L (c - m)^2 / 9 = 12.9 / 9
+    lengths = torch.tensor([2, 1, 3, 1, 3])
+    want = [(c + 0.1) / (math.sqrt(12.9 / 9) + 1e-6) for c in C]
+    assert f(r, G, whiten="tokens", lengths=lengths).tolist() == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx(_token_whitened(C, [2, 1, 3, 1, 3]), rel=1e-12)
+    # a row without tokens gets 0 and does not count
+    got = f(r, G, whiten="tokens", lengths=torch.tensor([2, 0, 3, 1, 3])).tolist()
+    assert got == pytest.approx(_token_whitened(C, [2, 0, 3, 1, 3]), rel=1e-12, abs=1e-12) and got[1] == 0.0
+    with pytest.raises(WorkbenchError, match="^lengths=None is invalid: expected a tensor of shape"):
+        f(r, G, whiten="tokens")
+
+
+def test_score_passes_the_options_and_the_response_lengths():
+    # rewards (1, 0, 1 | 0, 1, 0) in groups 0 and 1: centred (1/3, -2/3, 1/3 | -1/3, 2/3, -1/3)
+    lengths = [1, 2, 3, 4, 5, 6]
+    ro = make(["1", "2", "1", "x", "1", "2"], ["1"] * 6, [0, 0, 0, 1, 1, 1], lengths=lengths, T=6)
+    c = [1 / 3, -2 / 3, 1 / 3, -1 / 3, 2 / 3, -1 / 3]
+    out, _ = score(ro, "exact_match", advantage="reinforce_pp", advantage_params={"whiten": "tokens"})
+    assert out.advantages.tolist() == pytest.approx(_token_whitened(c, lengths), rel=1e-6)
+    out, _ = score(ro, "exact_match", advantage="lite_ppo", advantage_params={"std": "batch_centred"})
+    std_c = math.sqrt(sum(x * x for x in c) / 5)
+    assert out.advantages.tolist() == pytest.approx([x / (std_c + 1e-6) for x in c], rel=1e-6)
+
+
+def test_bad_advantage_options_one_line():
+    with pytest.raises(WorkbenchError, match=r"^advantage_params.std='x' is invalid: expected batch_rewards \| "
+                                             r"batch_centred \(advantage=lite_ppo\)$"):
+        ADVANTAGES.get("lite_ppo")(R, G, std="x")
+    with pytest.raises(WorkbenchError, match=r"^advantage_params has no key 'std' for advantage='grpo': valid keys "
+                                             r"are none$"):
+        score(make(["1"], ["1"], [0]), "exact_match", advantage="grpo", advantage_params={"std": "batch_centred"})
+    assert RunConfig(advantage="reinforce_pp", advantage_params={"whiten": "tokens"}).advantage_params == {
+        "whiten": "tokens"}
+    with pytest.raises(WorkbenchError, match=r"^advantage_params has no key 'whiten' for advantage='lite_ppo': "
+                                             r"valid keys are std$"):
+        RunConfig(advantage="lite_ppo", advantage_params={"whiten": "tokens"})
+    with pytest.raises(WorkbenchError, match=r"^advantage_params.whiten='seq' is invalid"):
+        RunConfig(advantage="reinforce_pp", advantage_params={"whiten": "seq"})
 
 
 # ------------------------------------------------------------------------------------ rewards

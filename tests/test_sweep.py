@@ -316,3 +316,38 @@ def test_notebook_cells(base, tmp_path):
     assert df["status"].to_list() == ["ok", "ok"] and df["offpolicy/staleness_mean"].to_list() == [0.0, 1.0]
     d = tmp_path / "nb" / "runs" / "staleness=1__seed=0"
     assert (d / "notebook.ipynb").exists() and json.loads((d / "config.json").read_text())["staleness"] == 1
+
+
+class RecordingBar:
+    """The tqdm calls the sweep makes (``n``, ``initial``, ``update``, ``write``, ``close``)."""
+
+    def __init__(self, total, initial, enabled, unit="upd"):
+        self.total, self.initial, self.n, self.unit, self.updates = total, initial, initial, unit, []
+
+    def update(self, k):
+        self.updates.append(k)
+        self.n += k
+
+    def write(self, msg, file=None):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_progress_bar_counts_updates_not_runs(base, tmp_path, monkeypatch, workers):
+    bars = []
+    monkeypatch.setattr("workbench.sweeps.driver.progress_bar", lambda *a, **k: bars.append(RecordingBar(*a, **k))
+                        or bars[-1])
+    cfg = RunConfig(**{**base.to_dict(), "steps": 4, "out_dir": str(tmp_path)})
+    sweep(cfg, {"lr": [1e-3, 1e-2]}, workers=workers, name="bar", log=lambda s: None)
+    (bar,) = bars
+    assert (bar.total, bar.initial, bar.unit, bar.n) == (8, 0, "upd", 8)
+    if workers == 0:
+        assert bar.updates == [0, 1, 1, 1, 1, 0, 1, 1, 1, 1]  # each update as it happens (0: a fresh run's start)
+    else:
+        assert all(k >= 0 for k in bar.updates) and sum(bar.updates) == 8
+    sweep(cfg, {"lr": [1e-3, 1e-2, 3e-2]}, workers=0, name="bar2", log=lambda s: None)
+    sweep(cfg, {"lr": [1e-3, 1e-2, 3e-2]}, workers=0, name="bar2", log=lambda s: None)  # all complete
+    assert (bars[-1].total, bars[-1].initial, bars[-1].updates) == (12, 12, [])

@@ -17,7 +17,7 @@ from workbench.policy.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, t
 
 # ---------------------------------------------------------------- tasks
 def test_registry_lists_builtin_tasks():
-    assert {"addition", "reverse", "jsonl"} <= set(TASKS.names())
+    assert {"addition", "reverse", "jsonl", "parquet", "hf_dataset"} <= set(TASKS.names())
 
 
 @pytest.mark.parametrize("name", ["addition", "reverse"])
@@ -106,7 +106,7 @@ def test_bad_params_one_line_errors(params, match):
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(WorkbenchError, match="valid tasks are addition, jsonl, reverse"):
+    with pytest.raises(WorkbenchError, match="valid tasks are addition, hf_dataset, jsonl, parquet, reverse"):
         make_task("multiplication")
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
 from workbench.loop import Run
 from workbench.policy.model import build_model
 from workbench.notebook import TINY_REWARDS, ensure_kernel, find_notebook, load_params_file
@@ -157,7 +158,7 @@ def test_live_spec_draws_panels_and_knob_rules():
     spec = chart_spec(df, ev, title="t")
     titles = [p["title"] for p in spec["concat"]]
     assert titles[0].startswith("accuracy") and not any(t.startswith("M2") for t in titles)  # all-null skipped
-    assert spec["datasets"]["knobs"] == [{"update": 2, "label": "staleness=8 tau=0.08", "y": 2}]
+    assert spec["datasets"]["knobs"] == [{"update": 2, "label": "staleness=8 tau=0.08"}]
     assert all(any(layer["mark"]["type"] == "rule" for layer in p["layer"]) for p in spec["concat"])
     text = json.dumps(spec, allow_nan=False)  # no NaN in the JSON sent to the browser
     assert '"reward/accuracy": null' in text
@@ -278,9 +279,10 @@ def test_runner_plumbing(tmp_path):
     with pytest.raises(Exception, match="01_quickstart"):
         find_notebook("99")
     p = tmp_path / "p.yaml"
-    p.write_text("all:\n  tiny: true\n  nope: 1\n02:\n  steps: 3\n")
+    p.write_text("tiny: true\nsteps: 3\n")
     assert load_params_file(p, "02_staleness_and_clipping_live", {"tiny": 0, "steps": 0}) == {"tiny": True, "steps": 3}
-    assert load_params_file(p, "03_objectives_explained", {"points": 0}) == {}
+    with pytest.raises(WorkbenchError, match="notebook 03_objectives_explained declares no parameter 'steps'"):
+        load_params_file(p, "03_objectives_explained", {"points": 0})
 
 
 def test_cli_notebook_command_passes_parameters(monkeypatch, tmp_path, capsys):
@@ -295,7 +297,26 @@ def test_cli_notebook_command_passes_parameters(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(nbmod, "run_notebook", fake)
     code = main(["notebook", "02", "-p", "staleness", "64", "-p", "objective", "m2po", "-p", "tiny", "true",
-                 "--params-file", "notebooks/params/ci.yaml", "--cwd", str(tmp_path)])
+                 "-f", "notebooks/params/ci/02_staleness_and_clipping_live.yaml", "--cwd", str(tmp_path)])
     assert code == 0
     assert seen["notebook"] == "02" and seen["parameters"] == {"staleness": 64, "objective": "m2po", "tiny": True}
-    assert seen["params_file"] == "notebooks/params/ci.yaml" and '"updates": 3' in capsys.readouterr().out
+    assert seen["params_file"] == "notebooks/params/ci/02_staleness_and_clipping_live.yaml"
+    assert '"updates": 3' in capsys.readouterr().out
+
+
+def test_the_panel_shows_active_health_warnings_with_their_update(tokenizer, tiny_model_config, tmp_path):
+    # staleness 3: updates 1 and 2 train on the initial policy's batches (runs/health.py, initial_policy)
+    panel = make_panel(tokenizer, tiny_model_config, tmp_path, steps=2, config={"staleness": 3})
+    try:
+        assert panel.health_html() == ""  # nothing before the first update
+        panel.step(2)
+        assert panel.wait(60) and panel.run.version == 2
+        panel.render()
+        banner = panel.widgets["health"].value
+        assert banner == panel.health_html() and "(also in health.jsonl)" in banner
+        assert "<li>update 1: staleness 3 is longer than the 1 updates done" in banner
+        journal = events(panel.run_dir / "health.jsonl")
+        assert [(e["code"], e["event"]) for e in journal if e["code"] == "initial_policy"] == [("initial_policy", "start")]
+        assert banner.count("<li>") == len(panel.run.health.banner())
+    finally:
+        panel.close()

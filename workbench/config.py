@@ -22,12 +22,12 @@ from workbench.steps.generate.engines import validate_sampler
 from workbench.steps.reweight.aggregate import AGGREGATIONS
 from workbench.steps.reweight.core import OBJECTIVES, validate_params
 from workbench.steps.reweight.corrections import PROXIMAL_MODES, make_correction
-from workbench.steps.score import ADVANTAGES, REWARDS
+from workbench.steps.reweight.kl import KL_ESTIMATORS
+from workbench.steps.score import ADVANTAGES, REWARDS, validate_advantage_params
 from workbench.tasks import TASKS
 from workbench.validate import check_known, check_types
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _check(cond: bool, fld: str, value: object, expected: str) -> None:
@@ -51,7 +51,7 @@ class RunConfig:
 
     # --- task and model ---
     task: str = "addition"
-    """Task registry name (``addition``, ``reverse``, ``jsonl``)."""
+    """Task registry name (``addition``, ``reverse``; from files: ``jsonl``, ``parquet``, ``hf_dataset``)."""
     task_params: dict[str, Any] = field(default_factory=dict)
     """Difficulty parameters of the task (e.g. ``{"max_digits": 3}``, ``{"path": "x.jsonl"}``)."""
     model: str = "builtin"
@@ -96,6 +96,10 @@ class RunConfig:
     """Weighted reward functions: ``(name, weight)`` or ``(name, weight, {params})`` entries."""
     advantage: str = "grpo"
     """Advantage estimator registry name (grpo, dr_grpo, rloo, lite_ppo, reinforce_pp, none)."""
+    advantage_params: dict[str, Any] = field(default_factory=dict)
+    """Options of the advantage estimator: lite_ppo ``{"std": "batch_rewards" | "batch_centred"}``
+    (TRL's std of the raw rewards, or AReaL's std of the group-centred ones), reinforce_pp
+    ``{"whiten": "sequences" | "tokens"}`` (one value per sequence, or verl's per token)."""
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal before the update (DAPO dynamic sampling)."""
 
@@ -147,7 +151,11 @@ class RunConfig:
     kl_coef: float = 0.0
     """Weight of a KL penalty to the frozen initial policy (0 = off; needs a reference forward)."""
     kl_estimator: str = "k3"
-    """k1 | k2 | k3 (Schulman's estimators of KL(pi_theta || pi_ref))."""
+    """k1 | k2 | k3 | k3+ (Schulman's estimators of KL(pi_theta || pi_ref); k3 clamped to 10 per
+    token as verl's low_var_kl; k3+ = k3's value with k2's gradient, verl's low_var_kl+)."""
+    kl_is_corrected: bool = False
+    """Weight each token's KL estimate by pi_theta / mu, the samples' importance ratio (TRL
+    use_bias_correction_kl, DeepSeek-V3.2); the ratio carries the gradient, as in TRL."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (0 = off)."""
 
@@ -171,6 +179,7 @@ class RunConfig:
         check_types(self)  # every field's type first: the checks below compare and look up values
         TASKS.entry(self.task)
         ADVANTAGES.entry(self.advantage)
+        validate_advantage_params(self.advantage, self.advantage_params)
         OBJECTIVES.entry(self.objective)
         for entry in self.rewards:
             _check(isinstance(entry, (tuple, list)) and len(entry) in (2, 3), "rewards", entry,
@@ -218,6 +227,7 @@ class RunConfig:
         _check(0 < self.lr < 1, "lr", self.lr, "a float in (0, 1)")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, " | ".join(LR_SCHEDULES))
         _check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", self.kl_estimator, " | ".join(KL_ESTIMATORS))
+        _check(isinstance(self.kl_is_corrected, bool), "kl_is_corrected", self.kl_is_corrected, "true or false")
         for name in ("weight_decay", "grad_clip"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "a float >= 0")
         for name in ("kl_coef", "entropy_coef"):  # inf would make every update non-finite (and skipped)

@@ -28,6 +28,7 @@ from workbench.policy.build import build_policy, build_task, frozen_copy
 from workbench.policy.chat import render_examples, resolve_template
 from workbench.rollouts import Rollouts
 from workbench.runs import checkpoint as ckpt
+from workbench.runs.health import HealthMonitor
 from workbench.runs.rundir import RunDir, keep_previous
 from workbench.steps.buffer import StalenessBuffer, SyncStopped
 from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
@@ -51,7 +52,8 @@ class Run:
       ``optimizer``, ``buffer`` (``StalenessBuffer``), ``chat_template`` (None = raw prompts)
     - ``version`` (updates applied), ``rows`` (one metrics dict per update; ``metrics`` as a
       DataFrame), ``knob_events`` (applied changes), ``initial_accuracy``, ``last_batch`` (the
-      minibatch of the latest update, None before the first)
+      minibatch of the latest update, None before the first), ``last_update_tokens`` (that update's
+      per-token record before its optimizer step, ``steps.update.token_record``; read by ``ui.tokens``)
     - ``prompt_rng`` / ``generator`` (prompt and token sampling), ``objective_state`` (per-run
       numbers of stateful objectives), ``minibatches`` (pending minibatches of the current batch)
     - ``dir`` (``RunDir`` or None), ``hooks`` (``hook(run, row)`` after every update), ``log``
@@ -91,6 +93,7 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.knob_events: list[dict[str, Any]] = []
         self.last_batch: Rollouts | None = None
+        self.last_update_tokens: dict[str, Any] | None = None
         self._schedule = {int(e["update"]): e["changes"] for e in (knob_schedule or [])}
         self.hooks: list[Hook] = []
         self._stop = threading.Event()  # request_stop(): run() stops between updates
@@ -104,6 +107,8 @@ class Run:
         self.dir = RunDir.open(path, log, config=None if _resuming else config.to_dict()) if path is not None else None
         self._timing: dict[str, float] = {}
         self.initial_accuracy: float | None = None
+        # warnings from the rows (collapse, truncation, ...): logged, journalled, the panel's banner
+        self.health = HealthMonitor(min(config.eval_size, len(self.task.heldout)), log=log, journal=self.dir)
 
     # ---------------------------------------------------------------- the algorithm
     def step(self) -> dict[str, Any]:
@@ -135,13 +140,16 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = knobs.lr * lr_multiplier(k, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
         expert = expert_batch(minibatch, self.tokenizer, self.task) if "expert_logprobs" in self.objective.needs else None
+        tokens: dict[str, Any] = {}  # filled before the optimizer step (the per-token view)
         metrics = update_step(
             self.model, self.optimizer, minibatch.to(next(self.model.parameters()).device),
             objective=self.objective, aggregation=cfg.aggregation, temperature=knobs.temperature, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, ref_model=self.ref_model,
+            kl_estimator=cfg.kl_estimator, kl_is_corrected=cfg.kl_is_corrected, entropy_coef=cfg.entropy_coef,
+            ref_model=self.ref_model,
             correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
             loss_scale_factor=cfg.loss_scale_factor or None,
-            context={"step": k, "state": self.objective_state}, expert_batch=expert)
+            context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens)
+        self.last_update_tokens = tokens
         self.version += 1
 
         # metrics row
@@ -168,6 +176,7 @@ class Run:
             self.dir.append_metrics(row)
             if cfg.checkpoint_every and self.version % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+        self.health.watch(row, self.initial_accuracy, self.rows)
         for hook in self.hooks:
             hook(self, row)
         self._nonfinite_streak = self._nonfinite_streak + 1 if metrics.get("loss/skipped_nonfinite") else 0
@@ -191,7 +200,8 @@ class Run:
                                          policy_version=self.version)
         t1 = time.perf_counter()
         fzv = cfg.filter_zero_variance if filter_zero_variance is None else filter_zero_variance
-        rollouts, stats = score(rollouts, list(cfg.rewards), advantage=cfg.advantage, filter_zero_variance=fzv)
+        rollouts, stats = score(rollouts, list(cfg.rewards), advantage=cfg.advantage, filter_zero_variance=fzv,
+                                advantage_params=cfg.advantage_params)
         self._timing["perf/time_generate"] = self._timing.get("perf/time_generate", 0.0) + t1 - t0
         self._timing["perf/time_score"] = self._timing.get("perf/time_score", 0.0) + time.perf_counter() - t1
         self._timing["perf/gen_tokens"] = self._timing.get("perf/gen_tokens", 0.0) + float(rollouts.response_mask.sum())
@@ -330,7 +340,7 @@ class Run:
             event = {"update": self.version, "changes": changes}
             self.knob_events.append(event)
             if self.dir:
-                self.dir.append_knob_event(event)
+                self.dir.append_jsonl("knob_events.jsonl", event)
 
     def _knob_columns(self) -> dict[str, Any]:
         kn = self.knobs.applied

@@ -1,7 +1,8 @@
 """Notebooks headless, and the small helpers the notebooks call.
 
     from workbench.notebook import run_notebook
-    summary = run_notebook("02", parameters={"staleness": 64}, params_file="notebooks/params/ci.yaml")
+    summary = run_notebook("02", parameters={"staleness": 64},
+                           params_file="notebooks/params/ci/02_staleness_and_clipping_live.yaml")
 
 ``run_notebook`` executes a notebook of ``notebooks/`` (by number, stem or path) with papermill,
 in a kernel running *this* Python (``ensure_kernel`` registers ``workbench``, an absolute path
@@ -10,8 +11,10 @@ so the control panel degrades to a progress bar and PNG charts. Every notebook w
 ``<out_dir>/<run_name>/summary.json``; ``run_notebook`` returns it (with ``notebook_seconds`` and
 the executed notebook's path). ``python -m workbench notebook 02 -p staleness 64`` is the CLI.
 
-A parameters file (YAML) maps notebook stems to parameter dicts, with an optional ``all:`` entry
-applied to every notebook first (``notebooks/params/ci.yaml`` shrinks every notebook for CI).
+A parameters file is papermill's own: a flat YAML mapping of one notebook's parameter names to
+values, so ``papermill NB OUT -f FILE`` and ``run_notebook(NB, params_file=FILE)`` read the same
+file (``-p`` / ``parameters`` override it). ``notebooks/params/ci/<stem>.yaml`` (``ci_params``)
+shrinks each notebook for CI.
 
 ``setup(tiny, **config_fields)`` is what the notebooks call to get (config, model, tokenizer):
 ``tiny=True`` builds a ~35 k-parameter untrained model (seconds, for CI); an untrained model is
@@ -76,25 +79,38 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
     return name
 
 
-def load_params_file(path: str | Path | None, notebook: str, declared: Any = None) -> dict[str, Any]:
-    """Parameters of ``notebook`` (its stem) from a YAML file: ``all:`` then the notebook's entry.
+def ci_params(notebook: str | Path) -> Path:
+    """``notebooks/params/ci/<stem>.yaml``: the parameters that shrink ``notebook`` for CI."""
+    return notebooks_dir() / "params" / "ci" / f"{find_notebook(notebook).stem}.yaml"
 
-    Keys under ``all:`` apply only to notebooks that declare them (``declared``, when given); an
-    entry is matched by stem or by its number prefix (``02``).
+
+def load_params_file(path: str | Path | None, notebook: str = "", declared: Any = None) -> dict[str, Any]:
+    """The parameters in a papermill parameters file (a flat YAML mapping name -> value).
+
+    With ``declared`` (the notebook's parameters, ``papermill.inspect_notebook``), a name the
+    notebook does not declare is a one-line ``WorkbenchError`` naming the file (``notebook``, its
+    stem, only words the message).
     """
     if not path:
         return {}
-    import yaml
+    import yaml  # the notebooks extra
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise WorkbenchError(f"params_file={str(path)!r} is invalid: expected a mapping of notebook -> parameters")
-    out = {k: v for k, v in (data.get("all") or {}).items() if declared is None or k in declared}
-    for key, value in data.items():
-        key = f"{key:02d}" if isinstance(key, int) else str(key)  # YAML reads 02 as the int 2
-        if key != "all" and (notebook == key or notebook.startswith(f"{key}_")):
-            out.update(value or {})
-    return out
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise WorkbenchError(f"params_file={str(path)!r} is invalid: cannot read it as YAML "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k.isidentifier() for k in data):
+        raise WorkbenchError(f"params_file={str(path)!r} is invalid: expected a flat mapping of parameter "
+                             f"names to values, one file per notebook as papermill -f reads it (e.g. "
+                             f"notebooks/params/ci/<stem>.yaml); got {type(data).__name__} {str(data)[:60]}")
+    unknown = sorted(set(data) - set(declared)) if declared is not None else []
+    if unknown:
+        where = f"notebook {notebook} " if notebook else "the notebook "
+        raise WorkbenchError(f"params_file={str(path)!r} is invalid: {where}declares no parameter "
+                             f"{unknown[0]!r}; valid parameters are {', '.join(declared)}")
+    return dict(data)
 
 
 @contextmanager
@@ -201,5 +217,5 @@ def write_summary(out_dir: str | Path, run_name: str, summary: dict[str, Any]) -
     return d / "summary.json"
 
 
-__all__ = ["KERNEL_NAME", "ensure_kernel", "find_notebook", "load_params_file", "notebooks_dir", "run_notebook",
-           "setup", "write_summary"]
+__all__ = ["KERNEL_NAME", "ci_params", "ensure_kernel", "find_notebook", "load_params_file", "notebooks_dir",
+           "run_notebook", "setup", "write_summary"]

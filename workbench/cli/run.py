@@ -50,7 +50,9 @@ def add_parsers(sub) -> None:
     nb_p.add_argument("notebook", help="a path, a stem or a number prefix (02)")
     nb_p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                       help="a notebook parameter; VALUE is parsed as JSON, else kept as a string")
-    nb_p.add_argument("--params-file", default=None, help="YAML of parameters: all: + per notebook (notebooks/params/ci.yaml)")
+    nb_p.add_argument("-f", "--params-file", default=None,
+                      help="papermill's parameters file, a flat YAML of name: value (the CI sizes: "
+                           "notebooks/params/ci/<stem>.yaml); -p overrides it")
     nb_p.add_argument("--output", default=None, help="the executed notebook (default: <cwd>/<stem>.out.ipynb)")
     nb_p.add_argument("--cwd", default=None, help="the kernel's working directory (run directories are relative to it)")
 

@@ -5,13 +5,20 @@ A run resumed from the checkpoint written after N updates produces the same metr
 N.. as the uninterrupted run (tested). Files are safetensors and JSON only (see ``rundir``).
 
 Resuming verifies a checkpoint before anything of the run changes: every file present, safetensors
-headers that cover their files, ``state.json`` fields of the right types, the model's tensor names,
-shapes and dtypes and the optimizer state's sizes equal to the freshly built run's, buffer, RNG and
-knob states that parse, and as many metrics rows on disk as the checkpoint expects. A kill during a
-write never leaves a damaged ``update_*`` (they are renamed into place), but a disk fault, a copy cut
-short or a checkpoint of another model can: then the newest intact one is used, with a one-line
-notice naming what was wrong, so one bad file costs the updates since the checkpoint before it
-instead of the run.
+headers that cover their files, ``state.json`` fields (and knob events) of the right types, the
+model's tensor names, shapes and dtypes equal to the freshly built run's, an optimizer state with
+every AdamW tensor of the right size and hyperparameters of the right kinds, buffered batches with
+the tensors and lengths of the ``Rollouts`` contract, RNG and knob states that parse, and as many
+metrics rows on disk as the checkpoint expects. A kill during a write never leaves a damaged
+``update_*`` (they are renamed into place), but a disk fault, a copy cut short or a checkpoint of
+another model can: then the newest intact one is used, with a one-line notice naming what was
+wrong, so one bad file costs the updates since the checkpoint before it instead of the run.
+
+What no checkpoint can make up for is a one-line error before anything is written: an unreadable or
+invalid ``config.json`` (naming the file), metrics that do not read as one row per update in order.
+The knob journal ``knob_events.jsonl`` is rewritten from the checkpoint on every resume; when it was
+damaged (a torn or invalid line, missing, events unlike the checkpoint's) a one-line notice says so.
+Not detected: flipped bits inside tensor data (no checksums are stored).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.config import Knobs, RunConfig
-from workbench.errors import WorkbenchError, bad_value
+from workbench.errors import WorkbenchError, bad_value, one_line
 from workbench.rollouts import Rollouts
 from workbench.runs.lock import check_free
+from workbench.runs.metrics import BASE, PARTS, TAIL, rows_problem
 from workbench.runs.rundir import load_optimizer_state, optimizer_state
 from workbench.steps.buffer import StalenessBuffer
 
@@ -91,12 +99,19 @@ def load(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Run
     if not (run_dir / "config.json").is_file():
         raise WorkbenchError(f"run_dir={str(run_dir)!r} is invalid: expected a run folder holding config.json")
     check_free(run_dir)
+    where = str(run_dir / "config.json")
     try:
         saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WorkbenchError(f"config={str(run_dir / 'config.json')!r} is unreadable ({type(e).__name__}: {e}): "
-                             f"expected the run's JSON config") from None
-    config = RunConfig.from_dict(saved)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WorkbenchError(f"config={where!r} is unreadable ({_one_line(e)}): expected the run's JSON "
+                             f"config") from None
+    if not isinstance(saved, dict):
+        raise WorkbenchError(f"config={where!r} is invalid: holds a JSON {type(saved).__name__}, expected an object "
+                             f"of RunConfig fields")
+    try:
+        config = RunConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:  # WorkbenchError included: say which file holds the bad field
+        raise WorkbenchError(f"config={where!r} is invalid: {one_line(e)}") from None
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_dir() and (run_dir / "checkpoints" / path).is_dir():
@@ -126,6 +141,10 @@ def restore(run: Any, paths: list[Path]) -> Path:
 
 def _restore_first_intact(run: Any, paths: list[Path]) -> Path:
     rows = run.dir.read_metrics()
+    problem = rows_problem(rows)
+    if problem:  # every checkpoint needs the rows before it: no fallback helps
+        files = ", ".join(name for name in (BASE, PARTS, TAIL) if (run.dir.path / name).exists())
+        raise WorkbenchError(f"metrics of run_dir={str(run.dir.path)!r} ({files}) are damaged: {problem}")
     damaged: list[tuple[Path, str]] = []
     for path in paths:
         checked = _verified(run, path, rows)
@@ -135,7 +154,7 @@ def _restore_first_intact(run: Any, paths: list[Path]) -> Path:
         if damaged:
             run.log("; ".join(f"checkpoint {p.name} is damaged ({why})" for p, why in damaged)
                     + f"; resuming from {path.name}")
-        _apply(run, checked)
+        _apply(run, checked, path)
         return path
     if len(paths) == 1:
         raise WorkbenchError(f"checkpoint={str(paths[0])!r} is damaged: {damaged[0][1]}")
@@ -169,9 +188,16 @@ def _verified(run: Any, path: Path, rows: pl.DataFrame) -> dict[str, Any] | str:
     name = "buffer.json"
     try:  # parse into fresh objects: the run is untouched until every file has parsed
         buf = files["buffer.json"]
-        StalenessBuffer().load_state(files["buffer.safetensors"], buf)
+        buffer = StalenessBuffer()
+        buffer.load_state(files["buffer.safetensors"], buf)
         out["minibatches"] = [Rollouts.from_state(files["buffer.safetensors"], m, prefix=f"minibatch{i}.")
                               for i, m in enumerate(buf["minibatches"])]
+        batches = [(f"queued batch {i}", b) for i, (b, _) in enumerate(buffer.queue)]
+        batches += [(f"minibatch {i}", b) for i, b in enumerate(out["minibatches"])]
+        for what, batch in batches:
+            problem = _batch_problem(batch)
+            if problem:
+                return f"buffer.json: {what} {problem}"
         name = "rng.safetensors"
         torch.Generator().set_state(files["rng.safetensors"]["generator"])
         name = "state.json"
@@ -189,7 +215,7 @@ def _verified(run: Any, path: Path, rows: pl.DataFrame) -> dict[str, Any] | str:
     return out
 
 
-def _apply(run: Any, checked: dict[str, Any]) -> None:
+def _apply(run: Any, checked: dict[str, Any], path: Path) -> None:
     files = checked["files"]
     state = files["state.json"]
     rd = run.dir
@@ -209,7 +235,14 @@ def _apply(run: Any, checked: dict[str, Any]) -> None:
     run.rows = checked["rows"]
     rd.keep_metrics(len(run.rows))  # rows of updates after the checkpoint are re-recorded live
     # the journal keeps only what happened up to the checkpoint: later events are re-recorded live
-    rd.rewrite_knob_events(run.knob_events)
+    journal, problem = rd.read_jsonl("knob_events.jsonl")
+    n = len(run.knob_events)
+    if problem is None and journal[:n] != run.knob_events:  # a damaged journal: say so, the checkpoint decides
+        exists = (rd.path / "knob_events.jsonl").exists()
+        problem = f"does not start with the checkpoint's {n} events" if exists else "is missing"
+    if problem:
+        run.log(f"knob_events.jsonl {problem}: rewritten from checkpoint {path.name} ({n} event{'s' * (n != 1)})")
+    rd.rewrite_jsonl("knob_events.jsonl", run.knob_events)
 
 
 def _header_problem(path: Path) -> str | None:
@@ -220,8 +253,8 @@ def _header_problem(path: Path) -> str | None:
         if len(head) < 8:
             return f"truncated ({size} bytes, no header)"
         n = int.from_bytes(head, "little")
-        if n > size - 8:
-            return f"truncated ({size} bytes, the header alone says {n + 8})"
+        if n > size - 8:  # a cut inside the header, or bytes that were never a safetensors file
+            return f"truncated or not safetensors ({size} bytes, the header alone would be {n + 8})"
         try:
             header = json.loads(f.read(n))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
@@ -245,6 +278,11 @@ def _state_problem(state: Any, path: Path) -> str | None:
             return f"state.json: {key}={v!r} is not {' or '.join(t.__name__ for t in types)}"
     if state["version"] < 0 or state["rows"] < 0:
         return f"state.json: version={state['version']}, rows={state['rows']}: expected >= 0"
+    for event in state["knob_events"]:
+        if not (isinstance(event, dict) and isinstance(event.get("changes"), dict)
+                and type(event.get("update")) is int and 0 <= event["update"] <= state["version"]):
+            return (f"state.json: knob_events entry {str(event)[:80]} is not "
+                    f"{{'update': 0..version, 'changes': {{...}}}}")
     if path.name.startswith("update_") and path.name != f"update_{state['version']:06d}":
         return f"state.json: version={state['version']} does not match the folder name {path.name}"
     return None
@@ -265,6 +303,31 @@ def _model_problem(run: Any, tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _batch_problem(batch: Rollouts) -> str | None:
+    """What makes a restored batch unusable (the Rollouts contract's tensors and lengths), or None."""
+    rows = None
+    for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "behavior_logprobs", "policy_version",
+              "group_id", "rewards", "advantages", "prox_logprobs", "ref_logprobs", "trainer_logprobs"):
+        t = getattr(batch, f)
+        if t is None:
+            if f in ("rewards", "advantages", "prox_logprobs", "ref_logprobs", "trainer_logprobs"):
+                continue
+            return f"lacks {f} in buffer.safetensors"
+        rows = t.shape[0] if rows is None and t.dim() else rows
+        wide = f in ("prompt_ids", "prompt_mask") or f.startswith("response") or f.endswith("logprobs")
+        if t.dim() == 0 or t.shape[0] != rows or (wide and t.dim() != 2):
+            return f"has {f} of shape {list(t.shape)} for {rows} rows"
+    per_token = (batch.response_mask, batch.behavior_logprobs, batch.prox_logprobs, batch.ref_logprobs,
+                 batch.trainer_logprobs)
+    if batch.prompt_mask.shape != batch.prompt_ids.shape or any(
+            t is not None and t.shape != batch.response_ids.shape for t in per_token):
+        return "has masks or log-probs of another shape than its token ids"
+    for f in ("prompts", "completions", "answers", "extras"):
+        if getattr(batch, f) and len(getattr(batch, f)) != rows:
+            return f"has {len(getattr(batch, f))} {f} for {rows} rows"
+    return None
+
+
 def _optimizer_problem(run: Any, tensors: dict[str, torch.Tensor], meta: Any) -> str | None:
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     groups = meta.get("param_groups") if isinstance(meta, dict) else None
@@ -272,14 +335,37 @@ def _optimizer_problem(run: Any, tensors: dict[str, torch.Tensor], meta: Any) ->
             [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups] != \
             [len(g["params"]) for g in run.optimizer.param_groups]:
         return f"optimizer.json: param_groups do not match the optimizer's {len(params)} parameters"
-    for key, t in tensors.items():
+    for i, (want, got) in enumerate(zip(run.optimizer.param_groups, groups)):
+        for key, value in want.items():  # each hyperparameter of the kind the optimizer uses
+            if key != "params" and not _same_kind(value, got.get(key, KeyError)):
+                return (f"optimizer.json: param_groups[{i}].{key}={str(got.get(key, '(absent)'))[:40]}, expected "
+                        f"like {value!r}")
+    names: dict[int, set[str]] = {}
+    for key, t in list(tensors.items()) + list(meta["scalars"].items()):
         idx, _, name = key.partition(".")
         if not idx.isdigit() or int(idx) >= len(params):
-            return f"optimizer.safetensors: {key} names no parameter (the optimizer has {len(params)})"
-        if name in MOMENTS and t.shape != params[int(idx)].shape:
-            return (f"optimizer.safetensors: {key} is {list(t.shape)}, its parameter is "
+            return f"optimizer state {key} names no parameter (the optimizer has {len(params)})"
+        names.setdefault(int(idx), set()).add(name)
+        if name in MOMENTS and (not isinstance(t, torch.Tensor) or t.shape != params[int(idx)].shape):
+            return (f"optimizer.safetensors: {key} is {list(getattr(t, 'shape', ()))}, its parameter is "
                     f"{list(params[int(idx)].shape)}")
+    amsgrad = any(g.get("amsgrad") for g in run.optimizer.param_groups)
+    need = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    for idx, have in sorted(names.items()):  # AdamW reads all of them for a parameter that has state
+        if not need <= have:
+            return f"optimizer.safetensors: parameter {idx} lacks {', '.join(sorted(need - have))}"
     return None
+
+
+def _same_kind(want: Any, got: Any) -> bool:
+    """``got`` (from JSON) can stand for ``want`` (the fresh optimizer's value): bool, number, sequence."""
+    if isinstance(want, bool) or want is None:  # a flag: absent in older checkpoints, torch defaults it
+        return got is None or got is KeyError or isinstance(got, bool)
+    if isinstance(want, (int, float)):
+        return isinstance(got, (int, float)) and not isinstance(got, bool)
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, list) and len(got) == len(want) and all(_same_kind(w, g) for w, g in zip(want, got))
+    return True  # a kind this check does not know: torch's load_state_dict decides
 
 
 def _one_line(e: BaseException) -> str:

@@ -82,6 +82,18 @@ def read_metrics(run_dir: str | Path) -> pl.DataFrame:
     raise WorkbenchError(f"run_dir={str(run_dir)!r} changed during 10 reads of its metrics: expected one writer")
 
 
+def rows_problem(df: pl.DataFrame) -> str | None:
+    """What is wrong with a run's rows (``read_metrics``): row i is the row of update i, for every i."""
+    if not df.height:
+        return None
+    if "update" not in df.columns or not df["update"].dtype.is_integer():
+        return f"no integer 'update' column (columns: {', '.join(df.columns[:8])}{', ...' if df.width > 8 else ''})"
+    for i, update in enumerate(df["update"].to_list()):
+        if update != i:
+            return f"row {i} is of update {update}, expected {i} (one row per update, in order)"
+    return None
+
+
 class MetricsLog:
     """The writer of one run directory's metrics: ``append`` a row, ``compact``, ``truncate``."""
 

@@ -8,6 +8,7 @@
                                       update (O(1) per update). read_metrics(run_dir) reads all three
                                       at any moment: every complete row, none twice (``metrics``)
     runs/<run-id>/knob_events.jsonl   one line per live change, with the update it took effect at
+    runs/<run-id>/health.jsonl        health warnings, when each started and ended (health.py)
     runs/<run-id>/summary.json        headline numbers, rewritten atomically
     runs/<run-id>/run.lock            only while a process writes the folder (pid, host, since: lock.py)
     runs/<run-id>/checkpoints/update_000123/
@@ -207,9 +208,11 @@ class RunDir:
     def read_metrics(self) -> pl.DataFrame:
         return read_metrics(self.path)
 
-    def append_knob_event(self, event: dict[str, Any]) -> None:
+    def append_jsonl(self, name: str, event: dict[str, Any]) -> None:
+        """Append one event to the journal ``name`` (``knob_events.jsonl``, ``health.jsonl``): whole
+        lines only, synced."""
         self._writable()
-        path = self.path / "knob_events.jsonl"
+        path = self.path / name
         data = (json.dumps(event, sort_keys=True, default=_json_default) + "\n").encode()
         with _disk_full_is_an_error(path), open(path, "ab", buffering=0) as f:
             start = f.tell()
@@ -222,10 +225,31 @@ class RunDir:
                 f.truncate(start)  # never a torn line
                 raise
 
-    def rewrite_knob_events(self, events: list[dict[str, Any]]) -> None:
+    def read_jsonl(self, name: str) -> tuple[list[dict[str, Any]], str | None]:
+        """The journal's events up to its first damaged line, and what is wrong there (None: intact)."""
+        try:
+            data = (self.path / name).read_bytes()
+        except FileNotFoundError:
+            return [], None
+        except OSError as e:
+            return [], f"is unreadable ({e.strerror or type(e).__name__})"
+        events: list[dict[str, Any]] = []
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines[:-1], 1):
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                return events, f"line {i} is not JSON"
+            if not isinstance(event, dict):
+                return events, f"line {i} is not a JSON object"
+            events.append(event)
+        return events, (f"line {len(lines)} is torn (no newline at its end)" if lines[-1] else None)
+
+    def rewrite_jsonl(self, name: str, events: list[dict[str, Any]]) -> None:
+        """Replace the journal ``name`` with ``events`` atomically (a resume: the checkpoint's)."""
         self._writable()
         text = "".join(json.dumps(e, sort_keys=True, default=_json_default) + "\n" for e in events)
-        atomic_write_text(self.path / "knob_events.jsonl", text)
+        atomic_write_text(self.path / name, text)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The end of a run (``Run.run``, the CLI, ``ControlPanel.finish``): the metrics are compacted

@@ -24,10 +24,15 @@ batches of token ids and log-probs.
   the sync period count *batches*: s // U and max(1, n // U), so staleness in updates is a
   multiple of U (the logged per-update staleness says exactly what happened).
 
-- **memory budget**: the queue would hold (s + n) batches; at a sync the size of one batch (its
-  tensors and texts) times that count must fit in ``WORKBENCH_BUFFER_BUDGET_GB`` (default 8), else
-  the update refuses with the numbers (a lag of a million batches would otherwise fill memory for
-  hours before failing).
+- **memory budget**: the queue would hold (s + n) batches; at a sync the size of one batch times
+  that count must fit in ``WORKBENCH_BUFFER_BUDGET_GB`` (default 8), else the update refuses with
+  the numbers (a lag of a million batches would otherwise fill memory for hours before failing).
+  The size (``batch_nbytes``) is what a queued entry keeps alive: each distinct tensor storage once,
+  each tensor's Python object and C++ header, and every Python object of the batch (the
+  ``Rollouts``, its lists, strings, per-sample ``extras`` dicts, the score metrics) by
+  ``sys.getsizeof``, each object once. Objects the batch shares with the task (interned strings,
+  small ints) are counted too, so it errs high: tested to lie between the memory measured with
+  ``tracemalloc`` plus the storages' bytes and twice that.
 - **progress**: a sync that generates more than ``PROGRESS_MIN_BATCHES`` batches (the theta_0
   prefill of a long lag) logs a line when it starts, about every tenth of the way and at least every
   ``PROGRESS_SECONDS``, with times.
@@ -41,8 +46,8 @@ Leaves out: partial/interruptible rollouts and per-token versions (AReaL), prior
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import sys
 import time
 from collections import deque
 from typing import Any, Callable
@@ -57,6 +62,10 @@ BUDGET_ENV = "WORKBENCH_BUFFER_BUDGET_GB"
 DEFAULT_BUDGET_GB = 8.0
 PROGRESS_MIN_BATCHES = 8  # a sync generating more batches than this logs its progress
 PROGRESS_SECONDS = 30.0
+# Per tensor, what torch allocates outside the Python heap besides the data (TensorImpl, StorageImpl,
+# the allocator's alignment): 360-520 bytes measured with glibc's mallinfo2 on CPU tensors.
+TENSOR_HEADER_BYTES = 512
+PY_ALIGN, STORAGE_ALIGN = 16, 64  # CPython's small-object allocator and torch's CPU allocator round up to these
 
 
 class SyncStopped(Exception):
@@ -75,17 +84,42 @@ def budget_bytes() -> float:
     return gb * 1e9
 
 
-def batch_nbytes(batch: Rollouts) -> int:
-    """Memory a queued batch holds: every tensor (ids, masks, log-probs, versions, rewards...) plus
-    its texts (prompts, completions, answers; ~50 bytes of object overhead each)."""
-    total = 0
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            total += value.element_size() * value.nelement()
-        elif isinstance(value, list) and value and isinstance(value[0], str):
-            total += sum(len(s) + 50 for s in value)
+def batch_nbytes(batch: Rollouts, score_metrics: dict[str, float] | None = None) -> int:
+    """Bytes a queued batch (and its ``score_metrics``) keeps alive; an upper-ish estimate (module doc).
+
+    Tensors: the Python object, ``TENSOR_HEADER_BYTES`` and the storage's bytes, each storage once
+    (views share it; a view keeps its whole storage alive). Python objects: ``sys.getsizeof`` of
+    each distinct object reachable through lists, tuples and dicts (a group's G rows share one
+    prompt string: counted once). Each size is rounded up to its allocator's alignment."""
+    seen: set[int] = {id(batch)}
+    storages: set[tuple[int, int]] = set()
+    total = _aligned(sys.getsizeof(batch)) + _aligned(sys.getsizeof(vars(batch)))  # the instance, its attribute dict
+    todo: list[Any] = list(vars(batch).values())  # not the keys: the field names belong to the class
+    if score_metrics is not None:
+        todo.append(score_metrics)
+    while todo:  # iterative: deeply nested extras cannot hit the recursion limit
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += _aligned(sys.getsizeof(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            total += TENSOR_HEADER_BYTES
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in storages:
+                storages.add(key)
+                total += _aligned(storage.nbytes(), STORAGE_ALIGN)
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
     return total
+
+
+def _aligned(n: int, to: int = PY_ALIGN) -> int:
+    return -(-n // to) * to
 
 
 class StalenessBuffer:
@@ -172,13 +206,13 @@ class StalenessBuffer:
 
     def _check_budget(self, target: int, staleness: int, sync_every: int) -> None:
         """Refuse a queue of ``target`` batches whose size (estimated from the newest) exceeds the budget."""
-        per = batch_nbytes(self.queue[-1][0])
+        per = batch_nbytes(*self.queue[-1])
         budget = budget_bytes()
         if per * target > budget:
             raise WorkbenchError(
                 f"a lag of {staleness} batches + {sync_every} per sync keeps {target} batches of ~{per / 1e6:.2f} MB "
-                f"in the buffer ({per * target / 1e9:.1f} GB), over the {budget / 1e9:g} GB budget ({BUDGET_ENV}); "
-                f"lower staleness / sync_every or raise {BUDGET_ENV}")
+                f"({per} bytes each) in the buffer ({per * target / 1e9:.3g} GB = {per * target} bytes), over the "
+                f"{budget / 1e9:g} GB budget ({BUDGET_ENV}); lower staleness / sync_every or raise {BUDGET_ENV}")
 
     # ---- checkpointing: tensors to safetensors, the rest to JSON ----
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,6 +1,8 @@
 """Rewards of the score step: reward functions (``REWARDS``) and their weighted combination.
 
-A reward function is a plain callable
+Built in: ``exact_match``, ``math_equiv`` (final answers compared mathematically,
+``workbench.math_answers``), ``format``, ``overlong`` (alias ``length_penalty``). A reward function
+is a plain callable
 ``fn(prompts: list[str], completions: list[str], **kwargs) -> list[float]`` (one finite number per
 completion). ``kwargs`` always hold ``answers`` (list[str]), ``response_lengths`` (list[int], real
 response tokens from ``response_mask``, EOS included) and every key of the per-example ``extras``
@@ -27,6 +29,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 
 from workbench.errors import WorkbenchError, bad_value
+from workbench.math_answers import check_backend, equivalent
 from workbench.registry import Registry
 from workbench.rollouts import Rollouts
 
@@ -43,6 +46,28 @@ def exact_match(
     prompts: list[str], completions: list[str], *, answers: list[str], **kwargs: Any
 ) -> list[float]:
     return [1.0 if c.strip() == a.strip() else 0.0 for c, a in zip(completions, answers)]
+
+
+@REWARDS.register(
+    "math_equiv",
+    summary="1.0 if the completion's final answer (last \\boxed{}, after ####, else the text) is "
+    "mathematically equal to the answer: Math-Verify when installed, else exact rationals "
+    "(backend: auto | math_verify | builtin)",
+    paper="Math-Verify (Hugging Face 2025); GSM8K arXiv:2110.14168; MATH arXiv:2103.03874",
+    check=lambda params: check_backend(params.get("backend", "auto")),
+)
+def math_equiv(
+    prompts: list[str], completions: list[str], *, answers: list[str], backend: str = "auto", **kwargs: Any
+) -> list[float]:
+    """Mathematical equivalence of each completion's final answer with the reference answer.
+
+    ``backend="auto"`` uses Hugging Face's Math-Verify (``pip install 'workbench[data]'``) when it
+    is installed, else the built-in fallback; ``"builtin"`` always the fallback (numbers compared
+    exactly as rationals, other answers as strings); ``"math_verify"`` requires the package. What
+    each accepts: ``workbench.math_answers``.
+    """
+    check_backend(backend)
+    return [1.0 if equivalent(c, a, backend) else 0.0 for c, a in zip(completions, answers)]
 
 
 def _char_classes(text: str) -> set[str]:
@@ -160,6 +185,9 @@ def _parse_spec(spec: RewardSpec) -> list[tuple[str, RewardFn, float, dict[str, 
             raise bad_value(f"params of reward {name!r}", params, "a dict of keyword arguments")
         if isinstance(item, str):
             _check_param_names(name, fn, params)
+            check = REWARDS.meta(name).get("check")  # the values of a registered reward's params
+            if check is not None:
+                check(params)
         out.append((name, fn, float(weight), dict(params)))
     return out
 
@@ -265,5 +293,5 @@ def compute_rewards(spec: RewardSpec, rollouts: Rollouts) -> torch.Tensor:
 
 __all__ = [
     "REWARDS", "RewardFn", "RewardSpec", "RewardTerm", "combine", "compute_rewards", "exact_match", "format_reward",
-    "overlong", "reward_kwargs", "validate_spec",
+    "math_equiv", "overlong", "reward_kwargs", "validate_spec",
 ]

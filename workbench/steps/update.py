@@ -3,9 +3,10 @@
 What it does: recomputes the current policy's log-probs of the sampled tokens (at the sampling
 temperature, so the ratio compares like with like), builds the policy loss with the chosen
 objective (``workbench.steps.reweight``), optionally adds a KL penalty to a frozen reference policy
-(Schulman's k1/k2/k3 estimators, http://joschu.net/blog/kl-approx.html) and an entropy bonus,
-clips the gradient norm and takes an AdamW step. The learning-rate schedule is a plain function of
-the update index so that it survives checkpoints without extra state.
+(``reweight.kl``: Schulman's k1/k2/k3 and verl's k3+, optionally IS-corrected) and an entropy bonus,
+both reduced with the run's loss aggregation (as verl's ``agg_loss`` with ``loss_agg_mode``), clips
+the gradient norm and takes an AdamW step. The learning-rate schedule is a plain function of the
+update index so that it survives checkpoints without extra state.
 
 Leaves out: value heads/GAE (critic-free methods only), gradient accumulation across micro-batches
 (the whole minibatch fits on CPU at this scale), mixed precision.
@@ -25,7 +26,8 @@ from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
 from workbench.steps.reweight.core import Objective, resolve_objective
 from workbench.steps.reweight.corrections import loglinear_proximal
-from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
+from workbench.steps.reweight.aggregate import aggregate
+from workbench.steps.reweight.kl import kl_penalty, kl_term  # noqa: F401  (kl_penalty: re-exported)
 from workbench.steps.reweight.loss import policy_loss
 from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
 from workbench.tasks import Example, Task
@@ -49,16 +51,6 @@ def lr_multiplier(update: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) on samples; [B, T] -> [B, T]."""
-    log_ratio = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T] log(pi_ref / pi_theta)
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    return torch.exp(log_ratio) - 1 - log_ratio  # k3
-
-
 def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float) -> torch.Tensor:
     """log pi_prox of the sampled tokens: the trainer's current weights, no graph. [B, T]
 
@@ -67,10 +59,6 @@ def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: floa
     the behaviour weight pi_prox / mu corrects for staleness.
     """
     return frozen_logprobs(model, batch, temperature)
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
@@ -114,6 +102,20 @@ def loss_context(objective: Objective, batch: Rollouts, model: torch.nn.Module, 
     return ctx
 
 
+def token_record(objective: Objective, batch: Rollouts, logprobs: torch.Tensor, loss: torch.Tensor,
+                 prox: torch.Tensor | None, aggregation: str, loss_scale_factor: float | None) -> dict[str, Any]:
+    """What the per-token view (``workbench.ui.tokens``) reads of one update, taken before its
+    optimizer step: the batch, its log-probs under the weights the update used, and dL/dlogp of the
+    policy loss at every token (autograd on the update's own graph, which is kept for its backward)."""
+    grad = None
+    if loss.requires_grad:
+        (grad,) = torch.autograd.grad(loss, logprobs, retain_graph=True, allow_unused=True)
+    return {"batch": batch, "objective": objective.name, "aggregation": aggregation,
+            "loss_scale_factor": loss_scale_factor, "logprobs": logprobs.detach(),  # [B, T]
+            "prox_logprobs": None if prox is None else prox.detach(),  # [B, T]
+            "logprob_grad": torch.zeros_like(logprobs) if grad is None else grad.detach()}  # [B, T]
+
+
 def update_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -126,6 +128,7 @@ def update_step(
     grad_clip: float,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_is_corrected: bool = False,
     entropy_coef: float = 0.0,
     ref_model: torch.nn.Module | None = None,
     correction: Any = None,
@@ -134,6 +137,7 @@ def update_step(
     loss_scale_factor: float | None = None,
     context: dict[str, Any] | None = None,
     expert_batch: Rollouts | None = None,
+    keep_tokens: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
 
@@ -147,6 +151,9 @@ def update_step(
     approximates it without a forward pass from the versions (needs ``policy_version``, the
     version at the start of this update; ``reweight.corrections.loglinear_proximal``).
     ``loss_scale_factor`` is the fixed normaliser of seq-mean-token-sum-norm (None = mask width).
+    The entropy bonus and the KL penalty (``kl_estimator``; ``kl_is_corrected`` weights each token
+    by pi_theta / mu, ``reweight.kl``) are reduced like the policy loss: the same aggregation and
+    ``loss_scale_factor``, over the response mask.
 
     ``objective`` is an ``Objective`` (``reweight.resolve_objective``; the loop resolves it once per
     knob change) or a registry name with ``objective_params``. ``aggregation`` empty = the
@@ -154,6 +161,7 @@ def update_step(
     "state": run.objective_state}``) plus the batch's ``group_id`` / ``rewards``, ``ref_logprobs``
     from ``ref_model`` when the objective or the KL penalty needs them (one forward, shared), and
     ``expert_batch`` (CHORD: prompts + expert answers + EOS) scored by ``model`` in the same graph.
+    ``keep_tokens`` (a dict) is filled with ``token_record`` before the optimizer step.
     """
     obj = objective if isinstance(objective, Objective) else resolve_objective(objective, objective_params)
     if isinstance(objective, Objective) and objective_params:
@@ -184,14 +192,18 @@ def update_step(
         aggregation=obj.aggregation(aggregation), loss_scale_factor=loss_scale_factor, prox_logprobs=prox,
         correction=correction, context=ctx,
     )
+    if keep_tokens is not None:  # the per-token view's data: this update's own forward, before its step
+        keep_tokens.update(token_record(obj, batch, logprobs, loss, prox, obj.aggregation(aggregation), loss_scale_factor))
     metrics.update(extra)
     metrics.update(mismatch_metrics(logprobs, batch, policy_version))  # drift / engine split (mismatch.py)
     total = loss
-    ent = _masked_mean(entropy, mask)
+    agg = obj.aggregation(aggregation)
+    ent = aggregate(entropy, mask, agg, loss_scale_factor)
     if entropy_coef:
         total = total - entropy_coef * ent
     if kl_coef and ref_model is not None:
-        kl = _masked_mean(kl_penalty(logprobs, ref_lp, kl_estimator), mask)
+        kl = kl_term(logprobs, ref_lp, mask, kl_estimator, agg, loss_scale_factor,
+                     behavior_logprobs=batch.behavior_logprobs if kl_is_corrected else None)
         total = total + kl_coef * kl
         metrics["loss/kl_ref"] = float(kl.detach())
     t2 = time.perf_counter()

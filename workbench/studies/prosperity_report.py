@@ -23,9 +23,8 @@ from typing import Any, Callable
 import altair as alt
 import polars as pl
 
-from workbench.charts import save_png
+from workbench.charts import ChartDisplay, save_png
 from workbench.errors import WorkbenchError
-from workbench.notebook import has_frontend
 from workbench.runs.rundir import atomic_write_text
 from workbench.stats import RESAMPLES, bootstrap_ci, wilson_interval
 from workbench.studies.prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, Check, check_claims, drift_matched_staleness,
@@ -135,15 +134,12 @@ def figures(df: pl.DataFrame, *, smooth: int = 10) -> dict[str, alt.TopLevelMixi
     return out
 
 
-def show_chart(chart: alt.TopLevelMixin, path: str | Path):
-    """Save ``chart`` as PNG at ``path``; return what a notebook cell should display: the live Altair
-    chart when a front end renders it, else the PNG (headless papermill runs)."""
+def show_chart(chart: alt.TopLevelMixin, path: str | Path) -> ChartDisplay:
+    """Save ``chart`` as PNG at ``path``; return what a notebook cell displays: a ``ChartDisplay``
+    (the chart compiled to Vega, which JupyterLab renders with its own Vega, plus that PNG for
+    headless runs; nothing is loaded from a CDN, ``workbench.charts.network_refs`` of it is empty)."""
     png = save_png(chart, path)
-    if has_frontend():
-        return chart
-    from IPython.display import Image  # IPython comes with the notebooks extra; only notebooks call this
-
-    return Image(filename=str(png))
+    return ChartDisplay(chart, png.read_bytes())
 
 
 # ----------------------------------------------------------------------------- the Markdown

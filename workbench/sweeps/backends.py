@@ -29,7 +29,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
@@ -48,17 +48,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar over the cells, or None."""
+def progress_bar(total: int, initial: int, enabled: bool, unit: str = "upd"):
+    """A tqdm bar, or None: over the updates of run cells (advanced after every update, in any
+    back-end but Ray, where a cell's updates count when it finishes), over the cells of notebooks."""
     if not enabled:
         return None
     from tqdm.auto import tqdm  # tqdm.auto probes for IPython and ipywidgets: only when a bar is shown
 
-    return tqdm(total=total, initial=initial, unit="run", desc="sweep")
+    return tqdm(total=total, initial=initial, unit=unit, desc="sweep")
 
 
-def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None]) -> None:
-    """Record a cell's result (and, from Ray, write its files), report a failure, advance the bar.
+def steps_of(cell: Cell) -> int:
+    """The bar's units of a cell: its updates (a run), or 1 (a notebook)."""
+    return int(cell.spec["config"]["steps"]) if cell.spec["mode"] == "run" else 1
+
+
+def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None], counted: bool = True) -> None:
+    """Record a cell's result (and, from Ray, write its files), report a failure, advance the bar
+    (by the cell's units unless ``counted``: its updates were counted as they happened).
     A ``pending`` result (a queued cell the stop kept from starting) only stays pending."""
     if result["status"] == "pending":
         return
@@ -72,8 +79,8 @@ def finish(cell: Cell, result: dict[str, Any], bar, log: Callable[[str], None]) 
             bar.write(msg, file=sys.stderr)
         else:
             log(msg)
-    if bar is not None:
-        bar.update(1)
+    if bar is not None and not (counted and cell.spec["mode"] == "run"):
+        bar.update(steps_of(cell) if cell.status == "ok" else 0)
 
 
 def run_serial(cells: list[Cell], bar, log: Callable[[str], None]) -> int | None:
@@ -82,7 +89,8 @@ def run_serial(cells: list[Cell], bar, log: Callable[[str], None]) -> int | None
         for c in cells:
             if between.signum is not None:
                 return between.signum
-            result = run_cell(c.spec, str(c.run_dir), None, signals=STOP_SIGNALS)  # its own handlers inside
+            result = run_cell(c.spec, str(c.run_dir), None, signals=STOP_SIGNALS,  # its own handlers inside
+                              advance=bar.update if bar is not None else (lambda n: None))
             finish(c, result, bar, log)
             if result.get("stopped"):
                 return result["stopped"]
@@ -106,17 +114,25 @@ def run_pool(cells: list[Cell], workers: int, threads: int, bar, log: Callable[[
             p.terminate()
         exit_now(signum)
 
+    updates = ctx.Value("q", 0)  # updates done by the workers' runs: the bar follows it
+
+    def follow() -> None:
+        if bar is not None and updates.value > bar.n - bar.initial:
+            bar.update(updates.value - (bar.n - bar.initial))
+
     with StopSignals(stop, on_again=again):
-        _pool_loop(cells, workers, threads, bar, log, ctx, flag)
+        _pool_loop(cells, workers, threads, bar, log, (ctx, flag, updates, follow))
+    follow()
     return flag.value or None
 
 
-def _pool_loop(cells, workers, threads, bar, log, ctx, flag) -> None:
+def _pool_loop(cells, workers, threads, bar, log, shared) -> None:
+    ctx, flag, updates, follow = shared
     pending = list(cells)
     attempts = {c.index: 0 for c in cells}
     while pending and not flag.value:
         pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
-                                   initializer=init_worker, initargs=(threads, flag))
+                                   initializer=init_worker, initargs=(threads, flag, updates))
         broken: list[Cell] = []
         try:
             # workers are spawned by submit and keep an ignored SIGINT through exec: a Ctrl-C while
@@ -128,7 +144,7 @@ def _pool_loop(cells, workers, threads, bar, log, ctx, flag) -> None:
                 signal.signal(signal.SIGINT, sigint)
             for c in pending:
                 attempts[c.index] += 1
-            for fut in as_completed(futures):
+            for fut in _completed(futures, follow):
                 c = futures[fut]
                 try:
                     result = fut.result()
@@ -139,9 +155,10 @@ def _pool_loop(cells, workers, threads, bar, log, ctx, flag) -> None:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown(wait=bool(broken))
-        if flag.value:
+        if flag.value:  # stopped: wait for the workers (one still starting must not outlive the driver,
+            pool.shutdown(wait=True, cancel_futures=True)  # whose shared flag and count it unpickles)
             return
+        pool.shutdown(wait=bool(broken))
         pending = [c for c in broken if attempts[c.index] < 2]
         for c in broken:
             if attempts[c.index] >= 2:
@@ -149,6 +166,15 @@ def _pool_loop(cells, workers, threads, bar, log, ctx, flag) -> None:
                            "memory, a crash, or a script without an if __name__ == '__main__' guard)"}, bar, log)
         if pending:
             log(f"a worker process died: restarting the pool for {len(pending)} unfinished runs")
+
+
+def _completed(futures, tick: Callable[[], None], every: float = 0.5):
+    """``as_completed``, calling ``tick()`` at least every ``every`` seconds while waiting."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
+        tick()
+        yield from done
 
 
 def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, bar,
@@ -191,7 +217,7 @@ def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, 
                     result = ray_mod.get(ref)
                 except Exception as e:  # noqa: BLE001 - worker crash, lost node: report, go on
                     result = {"status": "failed", "error": one_line(e)}
-                finish(c, result, bar, log)
+                finish(c, result, bar, log, counted=False)
     finally:
         stopped.__exit__(None, None, None)
         if started:

@@ -12,8 +12,8 @@ values are one-line ``WorkbenchError``\\ s naming the cell, and nothing has run.
 
 **Notebook cells.** The parameters are the grid values, ``seed``, ``out_dir`` (the sweep's
 ``runs/``) and ``run_name`` (the cell), over the base config fields that differ from
-``RunConfig``'s defaults, over ``params_file`` (a YAML as for ``run_notebook``, e.g.
-``notebooks/params/ci.yaml``); each must be a declared notebook parameter.
+``RunConfig``'s defaults, over ``params_file`` (papermill's flat YAML as for ``run_notebook``, e.g.
+``notebooks/params/ci/05_prosperity_before_collapse.yaml``); each must be a declared notebook parameter.
 
 **Complete.** A cell is complete when its ``summary.json`` exists and its ``sweep_cell.json``
 (written last, by the worker, when the cell succeeded) records exactly the cell's spec.

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.runs.stop import exit_code, signal_name
-from workbench.sweeps.backends import progress_bar, run_pool, run_ray, run_serial, usable_cores
+from workbench.sweeps.backends import progress_bar, run_pool, run_ray, run_serial, steps_of, usable_cores
 from workbench.sweeps.cells import MERGED_FILE, SPEC_FILE, Cell, build_cells, is_complete
 from workbench.sweeps.grid import RESERVED, canon, describe, one_line, short_hash
 from workbench.sweeps.results import merge, write_results
@@ -100,7 +100,8 @@ def sweep(base: RunConfig, grid: dict[str, list[Any]], seeds: int | list[int] | 
                 raise WorkbenchError(f"sweep cell {describe(c.values, c.seed)}: warm start of the built-in "
                                      f"model failed: {one_line(e)}") from None
 
-    bar = progress_bar(len(cells), done, progress)
+    bar = progress_bar(sum(steps_of(c) for c in cells), sum(steps_of(c) for c in cells if c.status == "ok"),
+                       progress, unit="upd" if notebook is None else "run")
     signum = None
     try:
         if not todo:

@@ -72,6 +72,14 @@ def limit_threads(threads: int) -> None:
 
 
 _SWEEP_STOP: Any = None  # in a pool worker: the driver's shared stop flag (0, or the signal that stopped it)
+_SWEEP_UPDATES: Any = None  # in a pool worker: the driver's shared count of updates done (its progress bar)
+
+
+def count_updates(n: int) -> None:
+    """Add ``n`` updates to the driver's shared count (a pool worker; elsewhere nothing)."""
+    if _SWEEP_UPDATES is not None:
+        with _SWEEP_UPDATES.get_lock():
+            _SWEEP_UPDATES.value += n
 
 
 def stop_requested() -> int:
@@ -79,11 +87,11 @@ def stop_requested() -> int:
     return int(_SWEEP_STOP.value) if _SWEEP_STOP is not None else 0
 
 
-def init_worker(threads: int, stop: Any = None) -> None:
-    """Pool initializer: the driver's stop flag, thread limits, then the imports every cell needs
-    (paid once per worker)."""
-    global _SWEEP_STOP
-    _SWEEP_STOP = stop
+def init_worker(threads: int, stop: Any = None, updates: Any = None) -> None:
+    """Pool initializer: the driver's stop flag and update count, thread limits, then the imports
+    every cell needs (paid once per worker)."""
+    global _SWEEP_STOP, _SWEEP_UPDATES
+    _SWEEP_STOP, _SWEEP_UPDATES = stop, updates
     limit_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver forwards a stop as SIGTERM (module docstring)
     try:
@@ -113,10 +121,12 @@ def warm_locked(config: RunConfig, log: Callable[[str], None] = lambda s: None) 
 
 
 def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None,
-             signals: tuple[int, ...] = (signal.SIGTERM,)) -> dict[str, Any]:
+             signals: tuple[int, ...] = (signal.SIGTERM,),
+             advance: Callable[[int], None] = count_updates) -> dict[str, Any]:
     """Execute one cell in this process; never raises for a failing run (the error is returned).
 
-    ``signals`` stop a run cell after the update in progress (the result's ``stopped`` is the signal)."""
+    ``signals`` stop a run cell after the update in progress (the result's ``stopped`` is the signal);
+    ``advance(n)`` is told of every ``n`` updates done (a continued run: its checkpoint's first)."""
     if threads:
         limit_threads(threads)
     from workbench.runs.rundir import atomic_write_text  # loads torch and polars: after the thread limits
@@ -126,7 +136,7 @@ def run_cell(spec: dict[str, Any], run_dir: str, threads: int | None = None,
     if stop_requested():  # queued before the driver stopped: not started, the next sweep runs it
         return {"status": "pending", "error": None, "seconds": 0.0}
     try:
-        continued, signum = _execute(spec, path, signals)
+        continued, signum = _execute(spec, path, signals, advance)
         seconds = time.perf_counter() - t0
         atomic_write_text(path / CELL_FILE, json.dumps({"spec": spec, "seconds": seconds, "threads": threads,
                                                         "continued_from": continued}, indent=2, sort_keys=True))
@@ -162,7 +172,8 @@ def ray_task(spec: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]
     return out
 
 
-def _execute(spec: dict[str, Any], run_dir: Path, signals: tuple[int, ...]) -> tuple[int | None, int | None]:
+def _execute(spec: dict[str, Any], run_dir: Path, signals: tuple[int, ...],
+             advance: Callable[[int], None]) -> tuple[int | None, int | None]:
     """Run the cell; returns the update a run continued from (None when it started from scratch) and
     the stop signal that came during its last update (None: none came)."""
     if spec["mode"] == "run":
@@ -173,7 +184,8 @@ def _execute(spec: dict[str, Any], run_dir: Path, signals: tuple[int, ...]) -> t
         run = _continue_run(cfg, run_dir)
         continued = run.version if run is not None else None
         run = run if run is not None else Run(cfg, log=lambda s: None)
-        run.hooks.append(lambda r, row: r.request_stop() if stop_requested() else None)
+        advance(run.version)
+        run.hooks.append(lambda r, row: (advance(1), r.request_stop() if stop_requested() else None))
         with StopSignals(lambda signum: run.request_stop(), signals=signals, on_again=_die) as stop:
             run.run(progress=False)
         signum = stop.signum or stop_requested() or None

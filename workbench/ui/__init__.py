@@ -13,8 +13,8 @@ from __future__ import annotations
 from workbench.notebook import has_frontend
 from workbench.ui.live import LiveCharts, Throttle
 from workbench.ui.panel import ControlPanel, load_knob_schedule
-from workbench.ui.tokens import token_html, token_weights
+from workbench.ui.tokens import token_html, token_weights, update_view
 from workbench.ui.trainer import BackgroundTrainer
 
 __all__ = ["BackgroundTrainer", "ControlPanel", "LiveCharts", "Throttle", "has_frontend", "load_knob_schedule",
-           "token_html", "token_weights"]
+           "token_html", "token_weights", "update_view"]

@@ -10,7 +10,13 @@ row-separable objectives are evaluated in one batch (identical and ~50x faster).
 is probed per objective (``separable``: the batched curve must not change on very different
 sub-batches, nor at 9 points evaluated alone), so a newly registered objective needs nothing here.
 
-    ex = CurveExplorer(); ex.show()                # widgets + chart (frontend)
+Layout (frontend): the dropdown, the selected objective's doc and sliders, and that objective's
+curve drawn large beside them (``focus_spec``), so a slider and the curve it moves are side by
+side; below, the grid of every objective (``curves_spec``). Every panel's y axis is scaled to its
+own curve (a curve that silences tokens reaches w = 0), and one legend names the two signs.
+
+    ex = CurveExplorer(); ex.show()                # widgets + charts (frontend)
+    ex.select("m2po")                              # what the dropdown does (it starts on ppo_clip)
     ex.set_params("ppo_clip", clip_high=0.28)      # what a slider does
     ex.save_png("curves.png"); ex.frame()          # headless / for analysis
 """
@@ -25,6 +31,7 @@ from typing import Any, Sequence
 import polars as pl
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.steps.reweight import OBJECTIVES, validate_params
 from workbench.notebook import has_frontend
 from workbench.charts import save_png
@@ -32,7 +39,7 @@ from workbench.steps.reweight.curves import weight_curve
 from workbench.ui.live import enable_offline
 from workbench.ui.params import param_widget
 
-Y_DOMAIN = (-0.5, 3.5)  # weights outside are clipped in the drawing (the frame keeps them)
+DEFAULT_OBJECTIVE = "ppo_clip"  # the dropdown starts here: the clip every other rule is compared with
 
 
 def separable(name: str, params: dict[str, Any], ratios: torch.Tensor, probes: int = 9) -> tuple[bool, dict]:
@@ -65,46 +72,73 @@ def curves_for(name: str, ratios: torch.Tensor, params: dict[str, Any], batched:
     return {s: weight_curve(name, ratios, s, batched=batched, **params) for s in (1, -1)}
 
 
+SIGNS = ["A > 0", "A < 0"]  # legend entries: colour and dash (green solid, red dashed)
+FOCUS_SIZE = (360, 230)  # the edited objective's curve, next to its sliders
+
+
+def _curve_panel(name: str, subtitle: str, width: int, height: int) -> dict[str, Any]:
+    """One objective's w(r) for both advantage signs (y scaled to the curve) and the r = 1 rule."""
+    sign = {"field": "s", "type": "nominal", "title": "advantage", "scale": {"domain": SIGNS}}
+    return {
+        "title": {"text": name, "subtitle": subtitle, "subtitleFontSize": 9},
+        "width": width, "height": height,
+        "layer": [
+            {"transform": [{"filter": {"field": "o", "equal": name}}],
+             "mark": {"type": "line", "strokeWidth": 2},
+             "encoding": {
+                 "x": {"field": "r", "type": "quantitative", "title": "ratio r = pi / mu"},
+                 "y": {"field": "w", "type": "quantitative", "title": "gradient weight w",
+                       "scale": {"zero": False}},
+                 "color": {**sign, "scale": {"domain": SIGNS, "range": ["#2ca02c", "#d62728"]}},
+                 "strokeDash": {**sign, "scale": {"domain": SIGNS, "range": [[1, 0], [5, 3]]}},
+                 "tooltip": [{"field": "s", "title": "advantage"}, {"field": "r", "title": "ratio r", "format": ".3f"},
+                             {"field": "w", "title": "weight w", "format": ".4~g"}]}},
+            {"data": {"values": [{"x": 1.0}]}, "mark": {"type": "rule", "color": "#999", "strokeDash": [2, 2]},
+             "encoding": {"x": {"field": "x", "type": "quantitative"}}},
+        ]}
+
+
+CURVE_NOISE = 1e-9  # |w| below this times the curve's largest |w| is float64 round-off: drawn as 0
+
+
+def _rows(frame: pl.DataFrame, objectives: Sequence[str]) -> list[dict[str, Any]]:
+    """The drawn points: w to 6 significant digits, round-off near 0 drawn as 0 (an axis scaled to the
+    curve must not zoom onto 1e-17), non-finite weights as gaps."""
+    keep = frame.filter(pl.col("objective").is_in(list(objectives))).with_columns(
+        pl.col("weight").abs().filter(pl.col("weight").is_finite()).max().over("objective").alias("top"))
+    return [{"o": o, "s": SIGNS[0] if s > 0 else SIGNS[1], "r": round(r, 4),
+             "w": (0.0 if abs(w) <= CURVE_NOISE * (top or 0.0) else float(f"{w:.6g}")) if math.isfinite(w) else None}
+            for o, s, r, w, top in keep.select("objective", "advantage_sign", "ratio", "weight", "top").iter_rows()]
+
+
 def curves_spec(frame: pl.DataFrame, objectives: Sequence[str], params: dict[str, dict[str, Any]] | None = None,
                 columns: int = 4, width: int = 170, height: int = 120, title: str = "") -> dict[str, Any]:
-    """Vega-Lite grid: one panel per objective, w(r) for A > 0 (green) and A < 0 (red), r = 1 rule."""
-    rows = [{"o": o, "s": "A > 0" if s > 0 else "A < 0", "r": round(r, 4),
-             "w": (round(w, 5) if math.isfinite(w) else None)}
-            for o, s, r, w in frame.select("objective", "advantage_sign", "ratio", "weight").iter_rows()]
-    panels = []
-    for name in objectives:
-        subtitle = _params_text(name, (params or {}).get(name, {}))
-        panels.append({
-            "title": {"text": name, "subtitle": subtitle, "subtitleFontSize": 9},
-            "width": width, "height": height,
-            "layer": [
-                {"transform": [{"filter": {"field": "o", "equal": name}}],
-                 "mark": {"type": "line", "clip": True, "strokeWidth": 2},
-                 "encoding": {
-                     "x": {"field": "r", "type": "quantitative", "title": "ratio r = pi / mu"},
-                     "y": {"field": "w", "type": "quantitative", "title": "gradient weight w",
-                           "scale": {"domain": list(Y_DOMAIN)}},
-                     "color": {"field": "s", "type": "nominal", "title": "advantage",
-                               "scale": {"domain": ["A > 0", "A < 0"], "range": ["#2ca02c", "#d62728"]}},
-                     "strokeDash": {"field": "s", "type": "nominal", "legend": None,
-                                    "scale": {"domain": ["A > 0", "A < 0"], "range": [[1, 0], [5, 3]]}},
-                     "tooltip": [{"field": "s", "title": "advantage"}, {"field": "r", "format": ".3f"},
-                                 {"field": "w", "format": ".3f"}]}},
-                {"data": {"values": [{"x": 1.0}]}, "mark": {"type": "rule", "color": "#999", "strokeDash": [2, 2]},
-                 "encoding": {"x": {"field": "x", "type": "quantitative"}}},
-            ]})
+    """Vega-Lite grid: one panel per objective, w(r) for A > 0 (green, solid) and A < 0 (red, dashed)
+    with one legend for both, an r = 1 rule; every panel's y axis is scaled to its own curve."""
+    panels = [_curve_panel(n, _params_text(n, (params or {}).get(n, {})), width, height) for n in objectives]
     spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"name": "curves"},
-            "datasets": {"curves": rows}, "concat": panels, "columns": columns}
+            "datasets": {"curves": _rows(frame, objectives)}, "concat": panels, "columns": columns,
+            "resolve": {"scale": {"y": "independent"}},
+            "config": {"legend": {"orient": "top", "symbolStrokeWidth": 2, "symbolType": "stroke"}}}
     if title:
         spec["title"] = title
     return spec
 
 
-def _params_text(name: str, params: dict[str, Any]) -> str:
+def focus_spec(frame: pl.DataFrame, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The curve of ``name`` alone and larger (``FOCUS_SIZE``): what the notebook shows next to its sliders."""
+    width, height = FOCUS_SIZE
+    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"name": "curves"},
+            "datasets": {"curves": _rows(frame, [name])},
+            **_curve_panel(name, _params_text(name, params or {}, limit=70), width, height),
+            "config": {"legend": {"orient": "top", "symbolStrokeWidth": 2, "symbolType": "stroke"}}}
+
+
+def _params_text(name: str, params: dict[str, Any], limit: int = 48) -> str:
     if not params:
         return "(no parameters)"
     text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    return text if len(text) <= 48 else text[:46] + "..."
+    return text if len(text) <= limit else text[:limit - 2] + "..."
 
 
 class CurveExplorer:
@@ -117,6 +151,7 @@ class CurveExplorer:
         self.ratios = torch.linspace(r_min, r_max, points, dtype=torch.float64)
         self.params = {n: validate_params(n, (params or {}).get(n, {})) for n in self.objectives}
         self.columns = columns
+        self.selected = DEFAULT_OBJECTIVE if DEFAULT_OBJECTIVE in self.objectives else self.objectives[0]
         self.interactive = has_frontend() if headless is None else not headless
         self._separable: dict[str, bool] = {}
         self._curves: dict[str, dict[int, torch.Tensor]] = {}
@@ -187,27 +222,41 @@ class CurveExplorer:
     def spec(self) -> dict[str, Any]:
         return curves_spec(self.frame(), self.objectives, self.params, columns=self.columns)
 
+    def focus(self) -> dict[str, Any]:
+        """The selected objective's curve alone (``focus_spec``), drawn next to its sliders."""
+        return focus_spec(self.frame(), self.selected, self.params[self.selected])
+
+    def select(self, name: str) -> None:
+        """Show ``name``'s sliders and its curve next to them (what the dropdown does)."""
+        if name not in self.objectives:
+            raise WorkbenchError(f"objective={name!r} is not drawn here: expected one of {', '.join(self.objectives)}")
+        self.selected = name
+        if self.widgets:
+            self._show_params(name)
+            self.widgets["focus"].spec = self.focus()
+
     def save_png(self, path: str | Path) -> Path:
         return save_png(self.spec(), path)
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self) -> None:
+        import altair as alt
         import ipywidgets as W
 
-
         enable_offline()
-        import altair as alt
-
-        self.widgets["objective"] = W.Dropdown(options=self.objectives, value=self.objectives[0],
+        self.widgets["objective"] = W.Dropdown(options=self.objectives, value=self.selected,
                                                description="parameters of", style={"description_width": "110px"})
         self.widgets["doc"] = W.HTML()
         self.widgets["params"] = W.VBox()
         placeholder = alt.Chart(alt.Data(values=[{"t": "drawing..."}])).mark_text().encode(text="t:N")
-        self.widgets["chart"] = alt.JupyterChart(placeholder, embed_options={"renderer": "svg", "actions": False})
-        self.widgets["objective"].observe(lambda ch: self._show_params(ch["new"]), names="value")
-        self._show_params(self.objectives[0])
-        self.box = W.VBox([W.HBox([W.VBox([self.widgets["objective"], self.widgets["doc"]]), self.widgets["params"]]),
-                           self.widgets["chart"]])
+        options = {"renderer": "svg", "actions": False}
+        self.widgets["focus"] = alt.JupyterChart(placeholder, embed_options=options)
+        self.widgets["chart"] = alt.JupyterChart(placeholder, embed_options=options)
+        self.widgets["objective"].observe(lambda ch: self.select(ch["new"]), names="value")
+        self._show_params(self.selected)
+        controls = W.VBox([self.widgets["objective"], self.widgets["doc"], self.widgets["params"]],
+                          layout=W.Layout(width="460px"))
+        self.box = W.VBox([W.HBox([controls, self.widgets["focus"]]), self.widgets["chart"]])
         self.render()
 
     def _show_params(self, name: str) -> None:
@@ -230,6 +279,7 @@ class CurveExplorer:
 
     def render(self) -> None:
         if self.widgets.get("chart") is not None:
+            self.widgets["focus"].spec = self.focus()
             self.widgets["chart"].spec = self.spec()
 
     def show(self):
@@ -244,4 +294,4 @@ class CurveExplorer:
         self.show()
 
 
-__all__ = ["CurveExplorer", "curves_spec", "separable"]
+__all__ = ["DEFAULT_OBJECTIVE", "CurveExplorer", "curves_spec", "focus_spec", "separable"]

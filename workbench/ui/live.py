@@ -3,9 +3,12 @@ refreshed at most every N updates / T seconds.
 
 ``LiveCharts`` owns the widget and the throttle: ``due(version)`` is the cheap test the training
 thread calls after every update; ``render(metrics, events)`` rebuilds the spec
-(``charts.chart_spec``, the same spec the CLI's ``charts.png`` is drawn from) and pushes it to the
-widget. The JavaScript is loaded offline from vl-convert's bundle (``JupyterChart.enable_offline()``),
-never from a CDN.
+(``charts.chart_spec``, the same spec the CLI's ``charts.png`` is drawn from: titles, units, the
+numerical floor, knob-change rules on every panel, the objective's key statistic) and pushes it to
+the widget. ``smooth`` and ``log_scale`` are passed to ``chart_spec`` at every render (defaults: raw
+values, linear axes; a control may set them between renders). The JavaScript is loaded offline
+from vl-convert's bundle (``JupyterChart.enable_offline()``), never from a CDN:
+``charts.network_refs(widget)`` is empty.
 
 Left out: streaming only the new rows (JupyterChart has no data-append API; the whole spec is
 resent, which the throttle keeps cheap).
@@ -49,8 +52,11 @@ class LiveCharts:
     """The chart widget of a panel (``widget`` is None when there is no frontend)."""
 
     def __init__(self, interactive: bool, every_updates: int = DEFAULT_EVERY_UPDATES,
-                 every_seconds: float = DEFAULT_EVERY_SECONDS, renderer: str = "svg"):
+                 every_seconds: float = DEFAULT_EVERY_SECONDS, renderer: str = "svg", *, smooth: int = 0,
+                 log_scale: str | Sequence[str] = "off"):
         self.throttle = Throttle(every_updates, every_seconds)
+        self.smooth = smooth
+        self.log_scale = log_scale
         self.widget = None
         self.renders = 0
         self.last_render_seconds = 0.0
@@ -64,7 +70,8 @@ class LiveCharts:
     def render(self, metrics: pl.DataFrame, knob_events: Sequence[dict[str, Any]], title: str = "") -> dict[str, Any]:
         """Rebuild the spec and push it to the widget (the synced ``spec`` trait, unvalidated)."""
         t0 = time.perf_counter()
-        spec = chart_spec(metrics, knob_events, title=title, empty_text=EMPTY_TEXT)
+        spec = chart_spec(metrics, knob_events, title=title, empty_text=EMPTY_TEXT, smooth=self.smooth,
+                          log_scale=self.log_scale)
         if self.widget is not None:
             self.widget.spec = spec
         self.renders += 1

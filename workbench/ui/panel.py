@@ -43,7 +43,7 @@ from workbench.notebook import has_frontend
 from workbench.runs.stop import StopSignals
 from workbench.charts import chart_spec, event_label, run_chart, save_png
 from workbench.ui.live import DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES, LiveCharts
-from workbench.ui.tokens import token_html, token_weights
+from workbench.ui.tokens import token_html, update_view
 from workbench.ui.trainer import BackgroundTrainer
 from workbench.ui.widgets import PanelWidgets
 
@@ -210,14 +210,8 @@ class ControlPanel(PanelWidgets):
             self._wake.set()
 
     def _compute_token_view(self) -> dict[str, Any] | None:
-        batch = self.run.last_batch
-        if batch is None or batch.advantages is None:
-            return None
-        kn = self.run.knobs.applied  # what the latest update trained with
-        try:
-            return token_weights(self.run, batch, kn.objective, kn.objective_params,
-                                 temperature=kn.temperature, aggregation=self.run.config.aggregation or None,
-                                 n=self.token_rows)
+        try:  # the latest update's own per-token record, taken before its optimizer step
+            return update_view(self.run, n=self.token_rows)
         except Exception as e:  # noqa: BLE001  (a view never stops training)
             self.last_error = f"token view: {type(e).__name__}: {e}"
             return None
@@ -291,6 +285,16 @@ class ControlPanel(PanelWidgets):
     def _status(self) -> None:
         if self.widgets:
             self.widgets["status"].value = f"<code>{html.escape(self.status_text())}</code>"
+            self.widgets["health"].value = self.health_html()
+
+    def health_html(self) -> str:
+        """A banner of the run's active health warnings, each with the update it started at ('' if none)."""
+        lines = self.run.health.banner()
+        if not lines:
+            return ""
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        return ("<div style='background:#fff4e5;border-left:4px solid #e8590c;padding:4px 8px;margin:4px 0'>"
+                f"<b>health</b> (also in health.jsonl)<ul style='margin:0'>{items}</ul></div>")
 
     def _set_state_text(self, state: str) -> None:
         self._status()

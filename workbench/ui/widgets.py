@@ -49,6 +49,7 @@ class PanelWidgets:
         for name, icon in (("start", "play"), ("pause", "pause"), ("step", "step-forward"), ("reset", "refresh")):
             w[name] = W.Button(description=name.capitalize(), icon=icon, layout=W.Layout(width="90px"))
         w["status"] = W.HTML()
+        w["health"] = W.HTML()  # the run's active health warnings (runs/health.py): empty while none
         w["knob_log"] = W.HTML()
         w["tokens"] = W.HTML()
 
@@ -67,7 +68,7 @@ class PanelWidgets:
         controls = W.VBox([w["objective"], w["objective_doc"], w["params"], w["mode"], w["staleness"], w["lr"],
                            w["temperature"]], layout=W.Layout(width="560px"))
         buttons = W.VBox([W.HBox([w["start"], w["pause"], w["step"], w["reset"]]), w["steps"], w["knob_log"]])
-        self.box = W.VBox([W.HBox([controls, buttons]), w["status"], self.charts.widget, w["tokens"]])
+        self.box = W.VBox([W.HBox([controls, buttons]), w["status"], w["health"], self.charts.widget, w["tokens"]])
         self.box.add_class("workbench-panel")
         self._status()
         self.widgets["tokens"].value = token_html(None, None)

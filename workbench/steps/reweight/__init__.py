@@ -23,6 +23,8 @@ from workbench.steps.reweight.core import (OBJECTIVES, Objective, Param, default
 from workbench.steps.reweight.inputs import LossInputs, LossOutput, make_inputs
 from workbench.steps.reweight.loss import policy_loss
 from workbench.steps.reweight.objectives import clipped_surrogate, m2po_mask, truncated_is_weight
+from workbench.steps.reweight import peer_rules  # noqa: F401  (registers dppo_tv, dppo_kl, opsm, vespo, topr_token)
+from workbench.steps.reweight import preference  # noqa: F401  (registers the preference objectives)
 from workbench.steps.reweight.corrections import PRESETS as CORRECTION_PRESETS, Correction, loglinear_proximal, make_correction
 from workbench.steps.reweight.curves import curve_frame, weight_curve, weight_curves
 

@@ -74,7 +74,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.steps.reweight.context import get_state
-from workbench.steps.reweight.core import Param, register_objective
+from workbench.steps.reweight.core import KeyMetric, Param, register_objective
 from workbench.steps.reweight.inputs import LossInputs, LossOutput
 from workbench.steps.reweight.ppo_family import clipped_surrogate
 
@@ -192,6 +192,7 @@ def _check_bapo(p: dict) -> None:
     check=_check_bapo,
     default_aggregation="token-mean",
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("offpolicy/pos_share", "bapo/pos_share"), "rho0", "positive share of the loss and its target"),
 )
 def bapo(inp: LossInputs, rho0: float, low_start: float, low_max: float, step_low: float, high_start: float,
          high_max: float, step_high: float, order: str, contribution: str, weighting: str,
@@ -249,6 +250,7 @@ def _check_r2vpo(p: dict) -> None:
     needs=lambda p: ("state",) if p["variant"] == "dual" else (),
     default_aggregation="token-mean",
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("r2vpo/lambda",), title="dual variable lambda"),
 )
 def r2vpo(inp: LossInputs, variant: str, lam: float, delta: float, dual_lr: float, lam_max: float,
           moment: str, ratio_cap: float) -> LossOutput:

@@ -3,7 +3,9 @@
 An objective is one plain function ``fn(inp: LossInputs, **params) -> LossOutput`` registered with
 ``@register_objective(name, paper=..., summary=..., params=[Param(...), ...])``. Its metadata is
 checked at import (non-empty paper and summary, ``Param`` names matching the keyword arguments,
-defaults in range), so a broken registration fails before any run starts.
+defaults in range), so a broken registration fails before any run starts. ``key_metric=KeyMetric(...)``
+names the statistic that tells whether the objective is doing its job (CISPO's truncated fraction,
+M2PO's M2 against tau); the run charts (``workbench.chart_style``) draw it in a panel of its own.
 
 ``resolve_objective(name, params)`` looks the objective up once and returns an ``Objective``: its
 function, the filled and checked parameters, the context keys it needs and its default aggregation.
@@ -68,6 +70,32 @@ class Param:
         return f"[{lo}, {hi}]"
 
 
+@dataclass(frozen=True)
+class KeyMetric:
+    """The statistic an objective is judged by, as the charts draw it.
+
+    ``columns``: metric keys the objective's ``LossOutput`` (or the shared diagnostics) logs, the
+    first one the statistic itself; ``reference``: the name of a numeric ``Param`` whose value is the
+    statistic's target or budget (drawn as a dashed line, e.g. M2PO's ``tau``), or None; ``title``:
+    the chart panel's title.
+    """
+
+    columns: tuple[str, ...]
+    reference: str | None = None
+    title: str = ""
+
+    def check(self, objective: str, params: tuple[Param, ...]) -> None:
+        """Raise a one-line WorkbenchError unless the columns are keys and the reference a numeric param."""
+        cols = self.columns
+        if not (isinstance(cols, tuple) and cols and all(isinstance(c, str) and "/" in c for c in cols)):
+            raise WorkbenchError(f"objective {objective!r}: key_metric.columns={cols!r} is invalid: expected a "
+                                 "non-empty tuple of metric keys such as 'offpolicy/truncated_frac'")
+        numeric = [p.name for p in params if p.choices is None]
+        if self.reference is not None and self.reference not in numeric:
+            raise WorkbenchError(f"objective {objective!r}: key_metric.reference={self.reference!r} is invalid: "
+                                 f"expected None or one of its numeric params ({', '.join(numeric) or 'none'})")
+
+
 def register_objective(
     name: str,
     *,
@@ -78,15 +106,16 @@ def register_objective(
     reduces_to_reinforce: bool = False,
     presets: dict[str, dict[str, Any]] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
+    key_metric: KeyMetric | None = None,
     **extra: Any,
 ) -> Callable[[Callable[..., "LossOutput"]], Callable[..., "LossOutput"]]:
     """Decorator registering an objective ``fn(inp: LossInputs, **params) -> LossOutput``.
 
     The metadata is checked here, so a broken registration fails at import, not mid-run:
     non-empty paper/summary, unique ``Param`` names matching the function's keyword arguments,
-    defaults inside their ranges (and passing ``check``), presets naming real params.
-    ``check(filled_params)`` is the objective's own extra validation (e.g. dual-clip c > 1); it
-    raises WorkbenchError.
+    defaults inside their ranges (and passing ``check``), presets naming real params, a
+    ``key_metric`` naming metric keys and a numeric param. ``check(filled_params)`` is the
+    objective's own extra validation (e.g. dual-clip c > 1); it raises WorkbenchError.
     """
     if not (isinstance(paper, str) and paper.strip() and isinstance(summary, str) and summary.strip()):
         raise WorkbenchError(f"objective {name!r}: paper and summary must be non-empty strings")
@@ -95,6 +124,10 @@ def register_objective(
     if len(set(names)) != len(names) or not all(isinstance(p, Param) for p in params):
         raise WorkbenchError(f"objective {name!r}: params must be Param objects with unique names")
     check_aggregation(default_aggregation)
+    if key_metric is not None:
+        if not isinstance(key_metric, KeyMetric):
+            raise WorkbenchError(f"objective {name!r}: key_metric={key_metric!r} is invalid: expected a KeyMetric")
+        key_metric.check(name, params)
 
     def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         sig = list(inspect.signature(fn).parameters)
@@ -105,7 +138,8 @@ def register_objective(
             _validate(name, params, check, preset)
         OBJECTIVES.add(
             name, fn, paper=paper, summary=summary, params=params, default_aggregation=default_aggregation,
-            reduces_to_reinforce=bool(reduces_to_reinforce), presets=dict(presets or {}), check=check, **extra,
+            reduces_to_reinforce=bool(reduces_to_reinforce), presets=dict(presets or {}), check=check,
+            key_metric=key_metric, **extra,
         )
         return fn
 
@@ -194,5 +228,5 @@ def default_aggregation(name: str) -> str:
     return OBJECTIVES.meta(name)["default_aggregation"]
 
 
-__all__ = ["OBJECTIVES", "Objective", "Param", "default_aggregation", "objective_defaults", "objective_needs",
-           "register_objective", "resolve_objective", "validate_params"]
+__all__ = ["OBJECTIVES", "KeyMetric", "Objective", "Param", "default_aggregation", "objective_defaults",
+           "objective_needs", "register_objective", "resolve_objective", "validate_params"]

@@ -21,9 +21,13 @@ Which policies (docs/design.md, "The reweight contract"; verl rollout correction
   with pi_prox == pi_theta the ratio is identically 1, clipping is inert and the gradient weight is
   min(pi_theta / mu, C) (or 0 when rejected).
 
-In both modes the aggregation normaliser keeps the original token count: rejected tokens get a
-zero loss but still count (AReaL divides by the original ``loss_mask_count``; M2PO footnote 2). Note
-verl's bypass mode divides by the *kept* tokens instead. The objective sees every valid token (its
+The normaliser (``denominator``, both modes): ``valid`` (default) keeps the original token count:
+rejected tokens get a zero loss but still count (AReaL divides by the original
+``loss_mask_count``; M2PO footnote 2). ``kept`` aggregates with the kept mask in place of the
+response mask, as verl does (it multiplies ``response_mask`` by the rejection mask, in bypass and
+decoupled mode): token-mean divides by the kept tokens, the seq-mean modes count the rows with a
+kept token and each row's token mean is over its kept tokens; seq-mean-token-sum-norm's constant is
+unchanged. Without rejection both are the same. The objective sees every valid token either way (its
 own batch statistics, e.g. M2PO's mask, include tokens the correction later rejects).
 
 Weights (``weight``): ``token``: w_t = min(rho_t, C); ``sequence``: w_i = min(prod_t rho_t, C)
@@ -64,9 +68,12 @@ rho) and ``rho_seq_mean`` / ``rho_seq_max`` / ``rho_seq_q95`` (sequence product 
 (sum a)^2 / (N sum a^2) of the applied weights a (0 when every token is rejected). Statistics are
 NaN when there is no valid token; fractions are 0.
 
-``loglinear_proximal`` is AReaL's approximation of pi_prox without a forward pass (arXiv:2505.24298):
-log pi_prox = log mu + alpha (log pi_theta - log mu), detached, with
-alpha = (v_prox - v_behav) / (v_theta - v_behav) per sequence.
+``apply_correction`` also returns ``changed`` [B, T]: the valid tokens whose weight the correction
+changed (rejected, truncated, or weight != 1), which ``policy_loss`` reports as
+``offpolicy/correction_changed_frac``.
+
+``loglinear_proximal`` (AReaL's pi_prox without a forward pass) lives in ``proximal`` and is
+re-exported here.
 
 Left out: several rejection criteria at once (verl's comma lists; chain two corrections by
 pre-masking instead), verl's ``binary_kl`` (KPop) criterion, AReaL's probability-space ``linear``
@@ -85,6 +92,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP, LossInputs
 from workbench.steps.reweight.is_weighted import truncated_is_weight
+from workbench.steps.reweight.proximal import PROXIMAL_MODES, loglinear_alpha, loglinear_proximal
 
 WEIGHT_LEVELS: tuple[str, ...] = ("none", "token", "sequence")
 REJECT_STATS: tuple[str, ...] = (
@@ -93,7 +101,7 @@ REJECT_STATS: tuple[str, ...] = (
     "token_k2", "seq_sum_k2", "seq_mean_k2", "seq_max_k2",
     "token_k3", "seq_sum_k3", "seq_mean_k3", "seq_max_k3",
 )
-PROXIMAL_MODES: tuple[str, ...] = ("none", "recompute", "loglinear")
+DENOMINATORS: tuple[str, ...] = ("valid", "kept")
 
 
 def _is_number(x: Any) -> bool:
@@ -107,7 +115,8 @@ class Correction:
     ``weight``: none | token | sequence; ``cap``: truncation C >= 1 of the weight; ``reject``: one
     of ``REJECT_STATS``; ``reject_low``: lower ratio bound for ``*_k1`` (0 = none; must be 0 for
     k2/k3); ``reject_high``: upper bound (ratio for k1, statistic for k2/k3; required when
-    rejecting); ``normalize``: divide the weights by their batch mean.
+    rejecting); ``normalize``: divide the weights by their batch mean; ``denominator``: what the
+    aggregation counts, every ``valid`` token (AReaL) or only the ``kept`` ones (verl).
     """
 
     weight: str = "none"
@@ -116,6 +125,7 @@ class Correction:
     reject_low: float = 0.0
     reject_high: float | None = None
     normalize: bool = False
+    denominator: str = "valid"
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> WorkbenchError:
@@ -133,6 +143,8 @@ class Correction:
             raise bad("reject_high", self.reject_high, "a number > 0")
         if not isinstance(self.normalize, bool):
             raise bad("normalize", self.normalize, "true or false")
+        if self.denominator not in DENOMINATORS:
+            raise bad("denominator", self.denominator, " | ".join(DENOMINATORS))
         if self.reject != "none":
             if self.reject_high is None:
                 raise bad("reject_high", None, f"a number > 0 (required by reject={self.reject})")
@@ -167,6 +179,8 @@ class Correction:
                 parts.append(f"reject {self.reject} outside [{lo}, {self.reject_high:g}]")
             else:
                 parts.append(f"reject {self.reject} > {self.reject_high:g}")
+            if self.denominator == "kept":
+                parts.append("normaliser counts kept tokens")
         return " + ".join(parts) or "no-op"
 
 
@@ -298,20 +312,31 @@ def correction_weight(corr: Correction, inp: LossInputs, log_rho: torch.Tensor) 
     return w, truncated
 
 
+@dataclass
+class Corrected:
+    """What ``apply_correction`` returns to ``policy_loss``."""
+
+    per_token_loss: torch.Tensor  # [B, T] keep * w * L
+    mask: torch.Tensor  # [B, T] bool, the aggregation's mask: valid tokens, or the kept ones (denominator)
+    changed: torch.Tensor  # [B, T] bool, valid tokens whose weight changed: rejected, truncated or w != 1
+    metrics: dict[str, Any]  # the correction/ metrics (tensors)
+
+
 def apply_correction(
     corr: Correction, inp: LossInputs, behavior_logprobs: torch.Tensor, per_token_loss: torch.Tensor,
     decoupled: bool,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Corrected per-token loss keep * w * L [B, T] and the ``correction/`` metrics (tensors)."""
+) -> Corrected:
+    """Corrected per-token loss keep * w * L [B, T], the aggregation mask and the ``correction/`` metrics."""
     with torch.no_grad():
         log_rho = behaviour_log_ratio(inp, behavior_logprobs, decoupled)  # [B, T]
         w, truncated = correction_weight(corr, inp, log_rho)  # [B, T] x2
         keep = rejection_keep(corr, inp, log_rho)  # [B, T]
         w = w.to(per_token_loss.dtype)
+        changed = inp.mask & (~keep | truncated | (w != 1.0))  # [B, T]
     loss = torch.where(keep, w * per_token_loss, per_token_loss.new_zeros(()))  # [B, T]
     with torch.no_grad():
         metrics = _metrics(inp, log_rho, w, truncated, keep, decoupled)
-    return loss, metrics
+    return Corrected(loss, keep if corr.denominator == "kept" else inp.mask, changed, metrics)
 
 
 def _quantile95(x: torch.Tensor) -> torch.Tensor | float:
@@ -354,46 +379,8 @@ def _metrics(inp: LossInputs, log_rho: torch.Tensor, w: torch.Tensor, truncated:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# the proximal policy without a forward pass (AReaL log-linear approximation)
-# --------------------------------------------------------------------------------------------
-
-
-def loglinear_alpha(behavior_version: torch.Tensor, current_version: int) -> torch.Tensor:
-    """alpha [B] = (v_prox - v_behav) / (v_theta - v_behav), clamped to [0, 1].
-
-    ``current_version`` is the policy version at the start of this update: v_prox = it (the
-    proximal policy is the policy at the start of the update) and v_theta = it + 1 (the policy the
-    update produces). This is AReaL's numbering (``v_proximal = current_version - 1`` there, with
-    current_version = the version being trained). On-policy rows (v_behav = v_prox) get alpha = 0
-    (pi_prox = mu); staleness s gives alpha = s / (s + 1).
-    """
-    vb = behavior_version.detach().to(torch.float64)  # [B]
-    num = float(current_version) - vb  # [B]
-    den = float(current_version) + 1.0 - vb  # [B]
-    alpha = torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(vb))  # [B]
-    return alpha.clamp(0.0, 1.0)
-
-
-def loglinear_proximal(
-    logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, behavior_version: torch.Tensor, current_version: int,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_prox [B, T] detached, alpha [B]): log mu + alpha (log pi_theta - log mu).
-
-    Padded positions (``mask`` 0, when given) are 0.
-    """
-    lp = logprobs.detach()  # [B, T]
-    beh = behavior_logprobs.detach().to(lp.dtype)  # [B, T]
-    alpha = loglinear_alpha(behavior_version, current_version)  # [B]
-    prox = beh + alpha.to(lp.dtype).unsqueeze(-1) * (lp - beh)  # [B, T]
-    if mask is not None:
-        prox = torch.where(mask.bool(), prox, prox.new_zeros(()))
-    return prox, alpha
-
-
 __all__ = [
-    "Correction", "PRESETS", "PRESET_SOURCES", "PROXIMAL_MODES", "REJECT_STATS", "WEIGHT_LEVELS",
-    "apply_correction", "behaviour_log_ratio", "correction_preset", "correction_weight", "loglinear_alpha",
-    "loglinear_proximal", "make_correction", "rejection_keep",
+    "Corrected", "Correction", "DENOMINATORS", "PRESETS", "PRESET_SOURCES", "PROXIMAL_MODES", "REJECT_STATS",
+    "WEIGHT_LEVELS", "apply_correction", "behaviour_log_ratio", "correction_preset", "correction_weight",
+    "loglinear_alpha", "loglinear_proximal", "make_correction", "rejection_keep",
 ]

@@ -34,7 +34,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.steps.reweight.context import batch_generator
-from workbench.steps.reweight.core import Param, register_objective
+from workbench.steps.reweight.core import KeyMetric, Param, register_objective
 from workbench.steps.reweight.inputs import LossInputs, LossOutput
 from workbench.steps.reweight.ppo_family import clipped_surrogate
 
@@ -73,6 +73,7 @@ def _check_clip_cov(p: dict) -> None:
     check=_check_clip_cov,
     default_aggregation="token-mean",
     reduces_to_reinforce=False,
+    key_metric=KeyMetric(("clipcov/selected_frac",), "select_ratio", "tokens selected by covariance"),
 )
 def clip_cov(inp: LossInputs, clip_low: float, clip_high: float, select_ratio: float, cov_lb: float,
              cov_ub: float) -> LossOutput:
@@ -112,6 +113,7 @@ def clip_cov(inp: LossInputs, clip_low: float, clip_high: float, select_ratio: f
     ],
     default_aggregation="token-mean",
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("klcov/selected_frac",), "select_ratio", "tokens selected by covariance"),
 )
 def kl_cov(inp: LossInputs, select_ratio: float, kl_coef: float) -> LossOutput:
     """L_t = -r_t A_t + kl_coef |log r_t| [t in top-k by Cov]. Gradient: -r A + kl_coef sign(log r) [selected]."""

@@ -1,6 +1,18 @@
 """The shared off-policy diagnostics ``policy_loss`` reports for every objective (no graph).
 
-All floats, over valid tokens (response_mask 1): ``offpolicy/ratio_mean|ratio_min|ratio_max``;
+All floats, over valid tokens (response_mask 1). Two ratios, named apart:
+
+- r = pi_theta / anchor, *the objective's ratio*: the anchor is pi_prox in decoupled mode
+  (``prox_logprobs`` given, or ``proximal`` set) and mu otherwise, so it is taken after the proximal
+  re-anchoring and before any correction weight (a correction multiplies the loss, never the
+  ratio). Every ``offpolicy/ratio_*`` statistic below and m2, ess, kl, chi2 are of r.
+- ``offpolicy/raw_ratio_mean|raw_ratio_min|raw_ratio_max``: of pi_theta / mu (the behaviour
+  policy), before any correction or re-anchoring; equal to the ``ratio_*`` ones in bypass mode.
+
+``offpolicy/correction_changed_frac``: fraction of valid tokens whose weight the correction
+changed (rejected, truncated, or weight != 1; 0.0 without a correction or a valid token).
+
+``offpolicy/ratio_mean|ratio_min|ratio_max``;
 ``offpolicy/ratio_pos_q05|q50|q95`` and ``offpolicy/ratio_neg_q05|q50|q95`` (r split by advantage
 sign; NaN when no such token); ``offpolicy/m2`` = mean (log r)^2 (M2PO, arXiv:2510.01161);
 ``offpolicy/ess_token`` = (sum w)^2 / (N sum w^2) with w = r, and ``offpolicy/ess_seq`` the same
@@ -20,20 +32,25 @@ from typing import Any
 
 import torch
 
-from workbench.steps.reweight.inputs import LossInputs
+from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP, LossInputs
 
 _NAN = float("nan")
 _QUANTILES = (0.05, 0.5, 0.95)
 
 
-def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor) -> dict[str, Any]:
-    """Shared off-policy diagnostics over valid tokens (see the module docstring); no graph."""
-    out: dict[str, Any] = {}
+def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor, behavior_logprobs: torch.Tensor | None = None,
+                changed: torch.Tensor | None = None) -> dict[str, Any]:
+    """Shared off-policy diagnostics over valid tokens (see the module docstring); no graph.
+
+    ``behavior_logprobs`` [B, T] (mu) gives the raw ratio; None means the anchor is mu (bypass).
+    ``changed`` [B, T] bool: the tokens a correction changed (None: no correction).
+    """
     valid = inp.mask  # [B, T]
+    out: dict[str, Any] = {"offpolicy/correction_changed_frac": 0.0 if changed is None else inp.frac(changed)}
     lr = inp.log_ratio.detach()[valid].double()  # [N]
     n = lr.numel()
-    names = ["ratio_mean", "ratio_min", "ratio_max", "m2", "ess_token", "ess_seq", "kl_k1", "kl_k3",
-             "chi2_token", "pos_share", "cov_logp_adv"]
+    names = ["ratio_mean", "ratio_min", "ratio_max", "raw_ratio_mean", "raw_ratio_min", "raw_ratio_max", "m2",
+             "ess_token", "ess_seq", "kl_k1", "kl_k3", "chi2_token", "pos_share", "cov_logp_adv"]
     if n == 0:
         out.update({f"offpolicy/{k}": _NAN for k in names})
         for sign in ("pos", "neg"):
@@ -46,6 +63,14 @@ def diagnostics(inp: LossInputs, per_token_loss: torch.Tensor) -> dict[str, Any]
     out["offpolicy/ratio_mean"] = r.mean()
     out["offpolicy/ratio_min"] = r.min()
     out["offpolicy/ratio_max"] = r.max()
+    if behavior_logprobs is None:
+        raw = r  # [N], the anchor is mu
+    else:
+        beh = behavior_logprobs.detach().to(inp.logprobs.dtype)[valid].double()  # [N]
+        raw = (inp.logprobs.detach()[valid].double() - beh).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [N]
+    out["offpolicy/raw_ratio_mean"] = raw.mean()
+    out["offpolicy/raw_ratio_min"] = raw.min()
+    out["offpolicy/raw_ratio_max"] = raw.max()
     qs = torch.tensor(_QUANTILES, dtype=torch.float64, device=r.device)
     for sign, sel in (("pos", adv > 0), ("neg", adv < 0)):
         rs = r[sel]  # [N_sign]

@@ -37,7 +37,7 @@ import math
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.steps.reweight.core import Param, register_objective
+from workbench.steps.reweight.core import KeyMetric, Param, register_objective
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP, LossInputs, LossOutput
 
 
@@ -78,6 +78,7 @@ def truncated_is_weight(
             Param("level", "token", live=False, choices=("token", "sequence"),
                   doc="token: rho = r_t; sequence: rho = prod_t r_t broadcast over the response")],
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("offpolicy/truncated_frac",), title="tokens with a truncated weight"),
 )
 def tis(inp: LossInputs, cap: float, level: str) -> LossOutput:
     """L_t = -sg[min(rho, C)] A_t logp_t. Gradient w.r.t. logp: -min(rho, C) A_t."""
@@ -96,6 +97,7 @@ def tis(inp: LossInputs, cap: float, level: str) -> LossOutput:
                   doc="lower bound 1 - eps_low on the weight; >= 1 means no lower bound (default)"),
             Param("eps_high", 0.2, low=0.0, high=None, live=True, doc="upper bound 1 + eps_high on the weight")],
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("offpolicy/truncated_frac",), title="tokens with a truncated weight"),
 )
 def cispo(inp: LossInputs, eps_low: float, eps_high: float) -> LossOutput:
     """L_t = -sg[clip(r_t, 1 - eps_low, 1 + eps_high)] A_t logp_t. Gradient: -clip(r_t) A_t."""
@@ -129,6 +131,7 @@ def _check_topr(params: dict) -> None:
     check=_check_topr,
     default_aggregation="seq-mean-token-mean",
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("offpolicy/truncated_frac",), title="tokens with a truncated weight"),
 )
 def topr(inp: LossInputs, pos_low: float, pos_high: float, neg_low: float, neg_high: float,
          seq_ratio: str) -> LossOutput:

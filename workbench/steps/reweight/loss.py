@@ -9,8 +9,10 @@
 4. calls the objective (one plain function ``fn(inp, **params) -> LossOutput``),
 5. applies the behaviour correction, if any (``corrections``: TIS / MIS / Geo-RS / k1-k3
    rejection, bypass or decoupled),
-6. reduces the per-token loss with the shared ``aggregate`` (docs/design.md, "Aggregation"), and
-7. computes the shared diagnostics (``diagnostics``) without building a graph.
+6. reduces the per-token loss with the shared ``aggregate`` (docs/design.md, "Aggregation") over
+   the response mask, or over the tokens the correction kept (``Correction.denominator="kept"``), and
+7. computes the shared diagnostics (``diagnostics``) without building a graph: ratio statistics of
+   the objective's ratio and of the raw pi_theta / mu, and the fraction of tokens the correction changed.
 
 Every objective also reports ``offpolicy/clipfrac`` and ``offpolicy/masked_frac`` (0.0 if it
 neither clips nor masks). An objective may return ``LossOutput.extra_loss``, a scalar added after
@@ -89,14 +91,17 @@ def policy_loss(
             f"expected {tuple(inp.mask.shape)}"
         )
     corr_metrics: dict[str, Any] = {}
-    if corr is not None:  # keep * w * L; the normaliser below still counts every valid token
-        per_token, corr_metrics = apply_correction(corr, inp, behavior_logprobs, per_token, prox_logprobs is not None)
-    loss = aggregate(per_token, inp.mask, aggregation, loss_scale_factor)
+    agg_mask, changed = inp.mask, None  # [B, T]
+    if corr is not None:  # keep * w * L, normalised by every valid token or by the kept ones
+        corrected = apply_correction(corr, inp, behavior_logprobs, per_token, prox_logprobs is not None)
+        per_token, agg_mask, changed = corrected.per_token_loss, corrected.mask, corrected.changed
+        corr_metrics = corrected.metrics
+    loss = aggregate(per_token, agg_mask, aggregation, loss_scale_factor)
     if result.extra_loss is not None:
         loss = loss + result.extra_loss
     with torch.no_grad():
         metrics: dict[str, Any] = {"loss/policy": loss.detach()}
-        metrics.update(diagnostics(inp, per_token))
+        metrics.update(diagnostics(inp, per_token, behavior_logprobs=behavior_logprobs, changed=changed))
         metrics.setdefault("offpolicy/clipfrac", 0.0)
         metrics.setdefault("offpolicy/masked_frac", 0.0)
         metrics.update(result.metrics)

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from workbench.steps.reweight.core import Param, register_objective
+from workbench.steps.reweight.core import KeyMetric, Param, register_objective
 
 from workbench.steps.reweight.inputs import LossInputs, LossOutput
 
@@ -99,6 +99,7 @@ def m2po_mask(
                   doc="alg1: paper's greedy remove-and-renormalise; cap: released code's capped mean")],
     default_aggregation="token-mean",
     reduces_to_reinforce=True,
+    key_metric=KeyMetric(("offpolicy/m2", "offpolicy/m2_after"), "tau", "M2 and its budget tau"),
 )
 def m2po(inp: LossInputs, tau: float, variant: str) -> LossOutput:
     """L_t = -M_t r_t A_t; M_t = 0 for the trust-region tokens selected by ``m2po_mask``.

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.core import Param, objective_needs
-from workbench.steps.reweight.corrections import PRESET_SOURCES, PRESETS, REJECT_STATS, WEIGHT_LEVELS, Correction
+from workbench.steps.reweight.corrections import (DENOMINATORS, PRESET_SOURCES, PRESETS, REJECT_STATS, WEIGHT_LEVELS,
+                                                  Correction)
 
 DOCS_PATH = Path(__file__).resolve().parents[3] / "docs" / "objectives.md"  # <repo>/docs/objectives.md
 
@@ -80,10 +81,12 @@ def objectives_markdown() -> str:
         "correction_params={...}, proximal=none|recompute|loglinear)`. Bypass mode (no proximal policy): "
         "rho = pi_theta / mu. Decoupled mode (`prox_logprobs` given, or `proximal` set): the objective's ratio "
         "is anchored at pi_prox and rho = pi_prox / mu. The loss becomes keep * w * L; rejected tokens still "
-        "count in the normaliser. See `workbench/steps/reweight/corrections.py`.",
+        "count in the normaliser (`denominator=valid`, AReaL) unless `denominator=kept` (verl: only the kept "
+        "tokens count). See `workbench/steps/reweight/corrections.py`.",
         "",
         f"Fields: `weight` ({' / '.join(WEIGHT_LEVELS)}), `cap` (C >= 1), `reject` "
-        f"({', '.join(s for s in REJECT_STATS)}), `reject_low` (k1 only), `reject_high`, `normalize`.",
+        f"({', '.join(s for s in REJECT_STATS)}), `reject_low` (k1 only), `reject_high`, `normalize`, "
+        f"`denominator` ({' / '.join(DENOMINATORS)}).",
         "",
         "| preset | definition | source |",
         "|---|---|---|",
