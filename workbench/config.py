@@ -148,6 +148,9 @@ class RunConfig:
     """AdamW betas."""
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 = off. The pre-clip norm is logged."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward piece, gradients accumulated (exact for every objective: the loss
+    is built once over the whole minibatch; update.update_step); 0 = the whole minibatch in one piece."""
     kl_coef: float = 0.0
     """Weight of a KL penalty to the frozen initial policy (0 = off; needs a reference forward)."""
     kl_estimator: str = "k3"
@@ -207,7 +210,8 @@ class RunConfig:
                      "steps", "eval_every", "eval_size"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
-        for name in ("staleness", "warmup_steps", "checkpoint_every", "threads", "top_k", "max_new_tokens", "seed"):
+        for name in ("staleness", "warmup_steps", "checkpoint_every", "threads", "top_k", "max_new_tokens", "seed",
+                     "micro_batch_size"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "an integer >= 0")
         _check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool)

@@ -147,7 +147,7 @@ class Run:
             kl_estimator=cfg.kl_estimator, kl_is_corrected=cfg.kl_is_corrected, entropy_coef=cfg.entropy_coef,
             ref_model=self.ref_model,
             correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
-            loss_scale_factor=cfg.loss_scale_factor or None,
+            loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size,
             context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens)
         self.last_update_tokens = tokens
         self.version += 1

@@ -8,15 +8,25 @@ both reduced with the run's loss aggregation (as verl's ``agg_loss`` with ``loss
 the gradient norm and takes an AdamW step. The learning-rate schedule is a plain function of the
 update index so that it survives checkpoints without extra state.
 
-Leaves out: value heads/GAE (critic-free methods only), gradient accumulation across micro-batches
-(the whole minibatch fits on CPU at this scale), mixed precision.
+``micro_batch_size`` > 0 splits the minibatch's forward/backward into pieces of at most that many
+sequences with the gradient accumulated (``chunk_logprobs`` / ``backward_chunks``; docs/design.md,
+"The loop"): the loss itself is always built once over the whole minibatch, so every objective,
+aggregation, KL and entropy term, diagnostic and the gradient clip see exactly the unchunked batch.
+
+Leaves out: value heads/GAE (critic-free methods only), mixed precision.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
+
+try:  # the process high-water mark on CPU (POSIX only)
+    import resource
+except ImportError:  # pragma: no cover  (Windows)
+    resource = None
 
 import torch
 
@@ -116,6 +126,77 @@ def token_record(objective: Objective, batch: Rollouts, logprobs: torch.Tensor, 
             "logprob_grad": torch.zeros_like(logprobs) if grad is None else grad.detach()}  # [B, T]
 
 
+def row_chunks(n: int, size: int) -> list[list[int]]:
+    """Row indices ``0..n-1`` in consecutive pieces of at most ``size`` rows (0 or >= n: one piece)."""
+    if size <= 0 or size >= n:
+        return [list(range(n))]
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def chunk_logprobs(model: torch.nn.Module, batch: Rollouts, chunks: list[list[int]], temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """Pass 1 of micro-batching: the log-probs and entropies of ``batch``, one no-graph forward per
+    chunk, as leaf tensors that require grad, so the loss can be built once over the whole batch
+    (every objective and aggregation stays exact: nothing about the loss is decomposed). Also the
+    RNG state before each chunk, so pass 2 replays the same dropout masks. [B, T] x2
+    """
+    device = next(model.parameters()).device
+    states, lps, ents = [], [], []
+    with torch.no_grad():
+        for rows in chunks:
+            states.append(_rng_state(device))
+            lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature, with_entropy=True)
+            lps.append(lp)  # [b, T]
+            ents.append(ent)  # [b, T]
+    return torch.cat(lps).requires_grad_(True), torch.cat(ents).requires_grad_(True), states  # [B, T] x2
+
+
+def backward_chunks(model: torch.nn.Module, batch: Rollouts, chunks: list[list[int]], temperature: float,
+                    logprobs: torch.Tensor, entropy: torch.Tensor, states: list[Any]) -> None:
+    """Pass 2 of micro-batching: after ``total.backward()`` filled ``logprobs.grad`` / ``entropy.grad``
+    (dL/dlogp, dL/dH at every token), re-run each chunk's forward with a graph and backpropagate
+    sum_t g_t * logp_t (+ sum_t h_t * H_t): by the chain rule its parameter gradient is exactly that
+    chunk's share of dL/dtheta, accumulated into ``.grad``. Only one chunk's activations are alive."""
+    device = next(model.parameters()).device
+    g_lp, g_ent = logprobs.grad, entropy.grad  # [B, T] or None (a term the loss does not use)
+    if g_lp is None and g_ent is None:
+        return
+    for rows, state in zip(chunks, states):
+        _set_rng_state(device, state)
+        sl = slice(rows[0], rows[-1] + 1)
+        lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature,
+                                 with_entropy=g_ent is not None)  # [b, T], [b, T] or None
+        surrogate = lp.new_zeros(())
+        if g_lp is not None:
+            surrogate = surrogate + (lp * g_lp[sl]).sum()
+        if g_ent is not None:
+            surrogate = surrogate + (ent * g_ent[sl]).sum()
+        if surrogate.requires_grad:
+            surrogate.backward()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """``perf/peak_mem_mb``: on CUDA the peak allocated by torch during this update (the counter is
+    reset at its start); elsewhere the process's peak resident set size so far (``ru_maxrss``, a
+    high-water mark over the whole process, not this update alone; NaN where unavailable)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is None:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def update_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -138,6 +219,7 @@ def update_step(
     context: dict[str, Any] | None = None,
     expert_batch: Rollouts | None = None,
     keep_tokens: dict[str, Any] | None = None,
+    micro_batch_size: int = 0,
 ) -> dict[str, float]:
     """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
 
@@ -162,19 +244,40 @@ def update_step(
     from ``ref_model`` when the objective or the KL penalty needs them (one forward, shared), and
     ``expert_batch`` (CHORD: prompts + expert answers + EOS) scored by ``model`` in the same graph.
     ``keep_tokens`` (a dict) is filled with ``token_record`` before the optimizer step.
+
+    ``micro_batch_size`` > 0 (and < B): the policy forwards (and the no-grad proximal / reference
+    forwards) run in pieces of at most that many sequences and the gradient is accumulated
+    (``chunk_logprobs``, ``backward_chunks``): one extra no-graph forward per piece buys a loss built
+    once over the whole minibatch, so the gradient, metrics and token record equal the unchunked
+    ones up to float rounding for every objective. CHORD's expert batch stays one piece.
     """
     obj = objective if isinstance(objective, Objective) else resolve_objective(objective, objective_params)
     if isinstance(objective, Objective) and objective_params:
         raise WorkbenchError(f"update_step: objective {obj.name!r} is resolved with its parameters; "
                              f"got objective_params {sorted(objective_params)}")
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 0:
+        raise WorkbenchError(f"micro_batch_size={micro_batch_size!r} is invalid: expected an integer >= 0 "
+                             "(0 = the whole minibatch in one piece)")
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     mask = batch.response_mask  # [B, T]
     prox = batch.prox_logprobs  # [B, T] or None
     extra: dict[str, float] = {}
+    chunks = row_chunks(len(batch), micro_batch_size)
+    chunked = len(chunks) > 1
     if proximal == "recompute" and prox is None:  # the loop attaches them once per batch
-        prox = proximal_logprobs(model, batch, temperature)
-    logprobs, entropy = token_logprobs(model, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
+        prox = torch.cat([proximal_logprobs(model, batch.select(rows), temperature) for rows in chunks]
+                         ) if chunked else proximal_logprobs(model, batch, temperature)  # [B, T]
+    ref_lp = None  # [B, T]: the reference forward, in pieces when chunked (else loss_context runs it)
+    if chunked and ref_model is not None and (bool(kl_coef) or "ref_logprobs" in obj.needs):
+        ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature) for rows in chunks])
+    if chunked:
+        logprobs, entropy, rng_states = chunk_logprobs(model, batch, chunks, temperature)  # [B, T] x2, leaves
+    else:
+        logprobs, entropy = token_logprobs(model, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
     if proximal == "loglinear":
         if policy_version is None:
             raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
@@ -184,7 +287,7 @@ def update_step(
     elif proximal not in ("none", "recompute"):
         raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
     ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
-                       expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+                       ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
     ref_lp = ctx.get("ref_logprobs")  # [B, T] or None
     t1 = time.perf_counter()
     loss, metrics = policy_loss(
@@ -208,7 +311,9 @@ def update_step(
         metrics["loss/kl_ref"] = float(kl.detach())
     t2 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward()  # chunked: into the leaves (and the expert graph), then one chunk at a time
+    if chunked:
+        backward_chunks(model, batch, chunks, temperature, logprobs, entropy, rng_states)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -230,5 +335,6 @@ def update_step(
         "perf/time_loss": t2 - t1,
         "perf/time_backward": t3 - t2,
         "perf/train_tokens": float(mask.sum()),
+        "perf/peak_mem_mb": peak_memory_mb(device),
     })
     return metrics
