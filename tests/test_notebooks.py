@@ -15,7 +15,8 @@ import pytest
 
 from workbench.chart_render import VEGA_MIMETYPE
 from workbench.charts import network_refs
-from workbench.notebook import ci_params, load_params_file, notebooks_dir, run_notebook, setup
+from workbench.errors import WorkbenchError
+from workbench.notebook import ci_params, load_params_file, notebooks_dir, run_notebook, scale_to_defaults, setup
 from workbench.steps.reweight import OBJECTIVES
 
 from ui_helpers import scripted_session
@@ -46,10 +47,56 @@ def test_committed_notebook_is_clean(path):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
-def _check_time(summary):
-    """Within the time limit, and the executed notebook is clean: no error output, no network reference
-    (every chart renders offline: the Vega bundle JupyterLab draws itself, plus a PNG), no traceback."""
+def stated_time(path):
+    """The times a notebook states (metadata ``workbench.time``, said in its first cell's **Time:**
+    line): seconds under the defaults and under the CI file; the work of each (``work`` names the
+    unit); ``cost_ratio``, the built-in model's cost per unit over the tiny CI model's (1.4: measured
+    from 01's default and CI runs); ``fixed_share``, the share of the CI execution that does not grow
+    with the work (kernel start, imports, charts; from papermill's per-cell durations)."""
+    return nbformat.read(path, as_version=4).metadata["workbench"]["time"]
+
+
+def _check_stated_times(stem, ci_seconds):
+    """The stated CI time is within 2x of this CI execution, and the stated default time within 2x of
+    this execution scaled to the defaults (``scale_to_defaults``: the fixed part stays, the rest grows
+    with the declared work ratio)."""
+    t = stated_time(notebooks_dir() / f"{stem}.ipynb")
+    assert 0.5 <= t["ci_seconds"] / ci_seconds <= 2.0, (stem, "ci", t["ci_seconds"], ci_seconds)
+    estimate = scale_to_defaults(ci_seconds, t["default_work"] / t["ci_work"] * t["cost_ratio"],
+                                 t["fixed_share"] * ci_seconds)
+    assert 0.5 <= t["default_seconds"] / estimate <= 2.0, (stem, "defaults", t["default_seconds"], estimate)
+
+
+def test_scale_to_defaults_keeps_the_fixed_part_and_multiplies_the_rest():
+    assert scale_to_defaults(40.0, 10.0, 30.0) == pytest.approx(30.0 + (40.0 - 30.0) * 10.0, rel=1e-12)
+    assert scale_to_defaults(40.0, 3.0) == pytest.approx(120.0, rel=1e-12)  # nothing fixed: all of it scales
+    for args, field in (((-1.0, 2.0), "ci_seconds"), ((10.0, -2.0), "work_ratio"), ((10.0, 2.0, 11.0), "fixed_seconds")):
+        with pytest.raises(WorkbenchError, match=f"^{field}="):
+            scale_to_defaults(*args)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stated_times_are_declared_and_said_in_the_first_cell(path):
+    t = stated_time(path)
+    assert set(t) == {"default_seconds", "ci_seconds", "fixed_share", "work", "default_work", "ci_work",
+                      "cost_ratio"}, sorted(t)
+    assert all(t[k] > 0 for k in t if k != "work") and t["fixed_share"] <= 1
+    # the prose says the same numbers: the CI time as "~N s", the defaults' time in (whole) minutes or seconds
+    source = nbformat.read(path, as_version=4).cells[0].source.replace("\n", " ")
+    assert f"~{t['ci_seconds']} s" in source, (path.stem, t["ci_seconds"])
+    said = (f"about {t['default_seconds']} s" if t["default_seconds"] < 90
+            else f"about {round(t['default_seconds'] / 60)} minutes")
+    assert said in source, (path.stem, said)
+
+
+def _check_time(summary, stated=True):
+    """Within the time limit, the stated times hold (``_check_stated_times``), and the executed notebook
+    is clean: no error output, no network reference (every chart renders offline: the Vega bundle
+    JupyterLab draws itself, plus a PNG), no traceback."""
     assert summary["notebook_seconds"] < LIMIT, summary["notebook_seconds"]
+    if stated:
+        _check_stated_times(Path(summary["executed_notebook"]).name.removesuffix(".out.ipynb"),
+                            summary["notebook_seconds"])
     nb = nbformat.read(summary["executed_notebook"], as_version=4)
     assert network_refs(nb) == []
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
@@ -118,15 +165,34 @@ def test_04_same_batch_replay(tmp_path):
     s = run_notebook("04", params_file=ci_params("04"), cwd=tmp_path)
     _check_time(s)
     assert s["objectives"] == OBJECTIVES.names() and s["staleness"] == 3 and s["signal_tokens"] > 0
-    assert -1.0 <= s["fresh_batch_cosine"] <= 1.0
+    assert s["repeats"] == 2 and -1.0 <= s["fresh_batch_cosine"] <= 1.0
+    lo, hi = s["fresh_batch_interval"]
+    assert lo <= s["fresh_batch_cosine"] <= hi
     for name in s["objectives"]:
         cos, norm = s["cosine_to_onpolicy"][name], s["grad_norm"][name]
         assert math.isfinite(norm) and norm >= 0
         assert (-1.0 <= cos <= 1.0) if norm > 0 else math.isnan(cos), name  # no direction -> no cosine
+        if norm > 0 and math.isfinite(s["cosine_interval"][name][0]):
+            assert s["cosine_interval"][name][0] <= cos <= s["cosine_interval"][name][1], name
         assert 0.0 <= s["silenced_frac"][name] <= 1.0
     assert 0.0 < s["ess_token"] <= 1.0
+    # the prose: one sentence for the floor (+ a warning), one per objective, each naming its verdict
+    assert s["findings"][0].startswith("noise floor:") and len(s["findings"]) >= len(s["objectives"]) + 1
+    sentences = {f.split()[2] if f.startswith("cosine of ") else f.split(":")[0]: f for f in s["findings"][1:]}
+    for name in s["objectives"]:
+        keeps = "keeps" in sentences[name]
+        assert keeps == (s["verdicts"][name] in ("below_floor", "level_with_floor", "above_floor", "above_zero")), name
+        assert not keeps or s["cosine_interval"][name][0] > 0, name
     d = Path(s["summary_path"]).parent
-    assert pl.read_parquet(d / "replay.parquet").height == len(s["objectives"]) + 1
+    assert pl.read_parquet(d / "replay.parquet").height == 2 * (len(s["objectives"]) + 1)
+    assert (d / "replay.png").read_bytes()[:4] == b"\x89PNG"
+    nb = nbformat.read(s["executed_notebook"], as_version=4)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert sum(VEGA_MIMETYPE in o.get("data", {}) for o in outputs) == 1  # the chart, offline
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert all(f in shown for f in s["findings"])  # the notebook displays the sentences it measured
+    table_html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert all(f"&quot;{name}&quot;" in table_html for name in s["objectives"])  # every row, none elided
 
 
 def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
@@ -146,3 +212,16 @@ def test_05_prosperity_sweeps_table_checks_and_figures(tmp_path):
         assert (d / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
     sweep_runs = pl.read_parquet(next((tmp_path / "runs").glob("prosperity-*-stale")) / "sweep_runs.parquet")
     assert sweep_runs["status"].to_list() == ["ok", "ok"]
+
+
+def test_05_load_only_on_a_fresh_clone_says_in_one_line_which_command_makes_the_runs(tmp_path):
+    """A fresh clone has no sweeps: load-only mode prints one line naming the command that makes them
+    (the workshop grid's report), writes a summary saying so, builds nothing and shows no traceback."""
+    s = run_notebook("05", cwd=tmp_path, parameters={"run_sweep": False})
+    _check_time(s, stated=False)  # clean; its stated times are those of a run that trains
+    assert s["runs"] == 0 and "python -m workbench report --size workshop" in s["missing"]
+    assert "runs/prosperity-workshop-onpolicy" in s["missing"] and "\n" not in s["missing"]
+    nb = nbformat.read(s["executed_notebook"], as_version=4)
+    printed = [o["text"] for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    assert printed == [s["missing"] + "\n"]  # the one line, once, and nothing on stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["05_prosperity"]  # only its summary

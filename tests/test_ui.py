@@ -229,35 +229,42 @@ def test_same_batch_replay_on_the_tiny_model(tokenizer, tiny_model_config):
     cfg = RunConfig(**{**SMALL, "out_dir": "", "prompts_per_step": 8})
     run = Run(cfg, model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer, log=lambda s: None)
     objs = ["reinforce", "is", "ppo_clip", "cispo", "m2po", "gspo"]
-    table = same_batch_replay(run, 3, objs, warmup=4, onpolicy_factor=4)
-    assert table["objective"].to_list() == objs + [FRESH_ROW]
-    assert run.version == 4 + 3 and int(table["staleness"][0]) == 3 and int(table["signal_tokens"][0]) > 0
+    table = same_batch_replay(run, 3, objs, warmup=4, onpolicy_factor=4, repeats=2)
+    assert table["objective"].to_list() == 2 * (objs + [FRESH_ROW]) and table["repeat"].to_list() == [0] * 7 + [1] * 7
+    assert run.version == 4 + 3 and table["staleness"].unique().to_list() == [3]  # both batches s versions old
+    assert int(table["signal_tokens"].sum()) > 0
     for r in table.iter_rows(named=True):
         assert math.isfinite(r["grad_norm"]) and 0.0 <= r["silenced_frac"] <= 1.0
         if r["grad_norm"] > 0:
             assert -1.0 <= r["cosine_to_onpolicy"] <= 1.0
-    by = {r["objective"]: r for r in table.iter_rows(named=True)}
-    assert by["cispo"]["silenced_frac"] == 0.0  # CISPO clips the weight, never the gradient
-    assert by["is"]["silenced_frac"] == 0.0 and by["ppo_clip"]["silenced_frac"] >= by["is"]["silenced_frac"]
+    for rep in (0, 1):
+        by = {r["objective"]: r for r in table.filter(pl.col("repeat") == rep).iter_rows(named=True)}
+        assert by["cispo"]["silenced_frac"] == 0.0  # CISPO clips the weight, never the gradient
+        assert by["is"]["silenced_frac"] == 0.0 and by["ppo_clip"]["silenced_frac"] >= by["is"]["silenced_frac"]
+    first, second = (table.filter((pl.col("repeat") == k) & (pl.col("objective") == "reinforce")) for k in (0, 1))
+    assert first["grad_norm"][0] != second["grad_norm"][0]  # independent stale batches, not one batch twice
     s = replay_summary(table)
-    assert s["objectives"] == objs and json.loads(json.dumps(s))["staleness"] == 3
+    assert s["objectives"] == objs and s["repeats"] == 2 and json.loads(json.dumps(s))["staleness"] == 3
+    assert len(s["findings"]) >= len(objs) + 1 and set(s["verdicts"]) == set(objs)
 
 
 def test_replay_at_staleness_zero_every_token_mean_objective_is_reinforce(tokenizer, tiny_model_config):
-    """At ratio 1 each objective that reduces to REINFORCE has REINFORCE's gradient exactly."""
+    """At ratio 1 each objective that reduces to REINFORCE has REINFORCE's gradient exactly, on every repeat."""
     from workbench.studies.replay import same_batch_replay
 
     cfg = RunConfig(**{**SMALL, "out_dir": "", "prompts_per_step": 8})
     run = Run(cfg, model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer, log=lambda s: None)
     objs = [n for n in ("reinforce", "is", "ppo_clip", "cispo", "tis", "dual_clip", "m2po")
             if OBJECTIVES.meta(n)["default_aggregation"] == "token-mean"]
-    table = same_batch_replay(run, 0, objs, warmup=3, onpolicy_factor=2)
-    ref = table.filter(pl.col("objective") == "reinforce").row(0, named=True)
-    assert ref["grad_norm"] > 0
-    for r in table.filter(pl.col("objective").is_in(objs)).iter_rows(named=True):
-        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["objective"]
-        assert r["cosine_to_onpolicy"] == pytest.approx(ref["cosine_to_onpolicy"], abs=1e-5), r["objective"]
-        assert r["silenced_frac"] == 0.0
+    table = same_batch_replay(run, 0, objs, warmup=3, onpolicy_factor=2, repeats=2)
+    for rep in (0, 1):
+        part = table.filter(pl.col("repeat") == rep)
+        ref = part.filter(pl.col("objective") == "reinforce").row(0, named=True)
+        assert ref["grad_norm"] > 0
+        for r in part.filter(pl.col("objective").is_in(objs)).iter_rows(named=True):
+            assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["objective"]
+            assert r["cosine_to_onpolicy"] == pytest.approx(ref["cosine_to_onpolicy"], abs=1e-5), r["objective"]
+            assert r["silenced_frac"] == 0.0
 
 
 def test_has_frontend(monkeypatch):

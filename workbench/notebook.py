@@ -159,6 +159,23 @@ def run_notebook(notebook: str | Path, parameters: dict[str, Any] | None = None,
     return summary
 
 
+def scale_to_defaults(ci_seconds: float, work_ratio: float, fixed_seconds: float = 0.0) -> float:
+    """Seconds a notebook should take under its defaults, estimated from its CI execution.
+
+    ``fixed_seconds`` of the ``ci_seconds`` measured (kernel start, imports, chart rendering: they do
+    not grow with the work) stay as they are; the rest is multiplied by ``work_ratio`` (the default
+    run's work over the CI run's, e.g. updates x prompts x group size x the model's cost per sequence).
+    The notebooks declare both next to their stated times (metadata ``workbench.time``).
+    """
+    for name, v in (("ci_seconds", ci_seconds), ("work_ratio", work_ratio), ("fixed_seconds", fixed_seconds)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise WorkbenchError(f"{name}={v!r} is invalid: expected a number >= 0")
+    if fixed_seconds > ci_seconds:
+        raise WorkbenchError(f"fixed_seconds={fixed_seconds!r} is invalid: it is a part of ci_seconds={ci_seconds!r}, "
+                             "so at most that")
+    return fixed_seconds + (ci_seconds - fixed_seconds) * work_ratio
+
+
 def _default(declared: dict[str, Any], name: str) -> Any:
     if name not in declared:
         raise WorkbenchError(f"notebook declares no {name!r} parameter: cannot find its summary.json")
@@ -218,4 +235,4 @@ def write_summary(out_dir: str | Path, run_name: str, summary: dict[str, Any]) -
 
 
 __all__ = ["KERNEL_NAME", "ci_params", "ensure_kernel", "find_notebook", "load_params_file", "notebooks_dir",
-           "run_notebook", "setup", "write_summary"]
+           "run_notebook", "scale_to_defaults", "setup", "write_summary"]

@@ -62,7 +62,7 @@ from workbench.notebook import TINY_REWARDS
 from workbench.policy.model import TINY_MODEL, ModelConfig, build_model, save_policy
 from workbench.policy.tokenizer import build_char_tokenizer
 from workbench.steps.reweight import OBJECTIVES
-from workbench.sweeps import RUNS_FILE, SPEC_FILE, read_sweep, sweep
+from workbench.sweeps import MERGED_FILE, RUNS_FILE, SPEC_FILE, read_sweep, sweep
 
 FINAL_EVALS = 3  # "final" accuracy = mean of the last 3 held-out evaluations
 ONPOLICY = "on-policy"  # the objective label of the reference runs in tables and charts
@@ -178,6 +178,9 @@ def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFra
     parts = []
     for kind in ("onpolicy", "stale"):
         folder = Path(out_dir) / f"{prefix}-{kind}"
+        if not (folder / MERGED_FILE).is_file():  # a fresh clone has no runs: say which command makes them
+            raise WorkbenchError(f"prefix={prefix!r} is invalid: {folder} holds no finished sweep ({MERGED_FILE}); "
+                                 f"make it with {make_command(out_dir, prefix)}")
         df = read_sweep(folder)
         runs_file = folder / RUNS_FILE
         col = "summary/eval/initial_accuracy"
@@ -190,6 +193,17 @@ def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFra
             df = df.with_columns(pl.lit(ONPOLICY).alias("objective"))
         parts.append(df)
     return pl.concat(parts, how="diagonal_relaxed")
+
+
+def make_command(out_dir: str = "runs", prefix: str = "prosperity") -> str:
+    """What makes the sweeps ``load_sweeps(out_dir, prefix)`` reads: ``python -m workbench report``
+    for a named size's prefix, else the notebook with ``run_sweep = True`` (a custom grid or base)."""
+    where = "" if str(out_dir) == "runs" else f" --out-dir {out_dir}"
+    for name in SIZES:
+        if prefix == sweep_prefix(name):
+            size = "" if name == "cpu" else f" --size {name}"
+            return f"`python -m workbench report{size}{where}` (or run this grid with run_sweep = True)"
+    return "notebooks/05_prosperity_before_collapse.ipynb run with run_sweep = True and the same grid"
 
 
 def sweep_base(out_dir: str = "runs", prefix: str = "prosperity") -> dict[str, Any]:

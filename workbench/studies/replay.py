@@ -1,29 +1,38 @@
-"""Same-batch replay: one stale batch pushed through every objective, side by side.
+"""Same-batch replay: stale batches pushed through every objective, side by side, repeated.
 
-    table = same_batch_replay(run, staleness=8)
+    table = same_batch_replay(run, staleness=8, repeats=8)
+    intervals = replay_intervals(table)      # mean cosine per objective with its 95% interval
+    replay_findings(intervals)               # one sentence per objective, only what the intervals show
 
-1. **The logged stale batch.** Generate and score one batch with the run's current weights
-   theta_k (its sampler log-probs are the behaviour log-probs mu), exactly as the loop would.
-2. **Let it go stale.** Train ``staleness`` ordinary updates (``run.step()``), so the weights are
-   theta_{k+s}: the batch is now s versions old, as under the fixed-lag setting of the buffer
+1. **The logged stale batches.** Generate and score ``repeats`` independent batches with the run's
+   current weights theta_k (their sampler log-probs are the behaviour log-probs mu), as the loop would.
+2. **Let them go stale.** Train ``staleness`` ordinary updates (``run.step()``), once, so the weights
+   are theta_{k+s}: every batch is now s versions old, as under the fixed-lag setting of the buffer
    (docs/design.md, "Staleness and the behaviour policy").
-3. **Replay.** With theta_{k+s} frozen, for every objective: one forward pass (shared), the
-   objective's loss with its paper's aggregation, the gradient with respect to every parameter,
-   its norm, and its cosine similarity to the **on-policy gradient**; plus the objective's own
-   clip / mask fractions, the share of tokens it silences (zero gradient at a token with A != 0,
+3. **Replay.** With theta_{k+s} frozen, for every stale batch and every objective: one forward pass
+   (shared), the objective's loss with its paper's aggregation, the gradient with respect to every
+   parameter, its norm, and its cosine similarity to the **on-policy gradient**; plus the objective's
+   own clip / mask fractions, the share of tokens it silences (zero gradient at a token with A != 0,
    computed with autograd, so the same definition for every objective), and ESS / M2 of the batch.
-4. **The on-policy gradient** is estimated from a large fresh sample of theta_{k+s}
+4. **The on-policy gradient** is estimated from one large fresh sample of theta_{k+s}
    (``onpolicy_factor`` x the batch's prompts, same group size, scored the same way): the REINFORCE
    gradient -A grad log pi with token-mean aggregation (every objective reduces to it at ratio 1).
-   Its noise floor is reported as an extra row, ``fresh batch (REINFORCE)``: a fresh on-policy
-   batch of the stale batch's size. An objective whose cosine is near that row's recovers the
-   on-policy direction as well as fresh data of the same size would.
+   **The noise floor** is the row ``fresh batch (REINFORCE)``: per repeat, a fresh on-policy batch of
+   the stale batch's size, its cosine to the same reference. It is what fresh data of that size
+   achieves; an objective level with it recovers the on-policy direction as well as fresh data would.
+
+Design of the repeats (the cheapest that gives every cosine an honest interval): a cosine of one
+batch varies with that batch's sampling, so each repeat draws its own stale batch and its own fresh
+batch; the s updates (the expensive part) and the large reference sample are shared by all repeats.
+The intervals (``replay_intervals``: percentile bootstrap across repeats, ``workbench.stats``) thus
+hold the reference fixed: its own noise shrinks every cosine alike (stale and fresh rows), which is
+why the objectives are compared with the floor and with 0, never with 1.
 
 Nothing here changes the run's weights after step 2 (gradients are taken with ``autograd.grad``,
 the optimizer is not touched), but the sampling in steps 1 and 4 draws from the run's generators.
 
 Left out: the gradient of the KL / entropy terms (policy loss only), proximal-policy recompute
-(``prox_logprobs`` is passed through when the batch has it).
+(``prox_logprobs`` is passed through when the batch has it), independent reference samples per repeat.
 """
 
 from __future__ import annotations
@@ -35,13 +44,16 @@ from typing import Any
 import polars as pl
 import torch
 
+from workbench.errors import bad_value
 from workbench.policy.logprobs import token_logprobs
 from workbench.rollouts import Rollouts
 from workbench.steps.reweight.core import OBJECTIVES, Objective, resolve_objective
 from workbench.steps.reweight.loss import logprob_gradient, policy_loss
 from workbench.steps.update import expert_batch, loss_context
+from workbench.studies.replay_report import (FRESH_ROW, replay_chart, replay_findings, replay_intervals,
+                                             replay_summary, replay_verdict)
 
-FRESH_ROW = "fresh batch (REINFORCE)"
+REPEATS = 8  # stale and fresh batches per replay: enough for a percentile-bootstrap interval of each cosine
 SUPPORTED_CONTEXT = ("group_id", "rewards", "step", "state", "ref_logprobs", "expert_logprobs", "expert_mask",
                      "generator")
 
@@ -129,38 +141,44 @@ def replay_objectives(run, batch: Rollouts, g_on: torch.Tensor, objectives: list
 
 def same_batch_replay(run, staleness: int, objectives: list[str] | None = None, *,
                       params: dict[str, dict[str, Any]] | None = None, onpolicy_factor: int = 8,
-                      warmup: int = 0) -> pl.DataFrame:
-    """Steps 1-4 of the module doc on ``run``; returns one row per objective plus the fresh row.
+                      warmup: int = 0, repeats: int = REPEATS) -> pl.DataFrame:
+    """Steps 1-4 of the module doc on ``run`` with ``repeats`` stale and fresh batches; returns the
+    long table: per repeat (``repeat`` column, 0-based), one row per objective plus the fresh row.
 
     ``params`` maps objective name -> parameter overrides (defaults from the registry otherwise).
     ``warmup`` ordinary updates run first (an untrained model's batches often carry no reward
-    variance, hence no gradient at all). The frame's ``staleness`` column is the batch's actual
-    staleness (policy versions behind); ``signal_tokens`` counts its tokens with A != 0.
+    variance, hence no gradient at all). The frame's ``staleness`` column is the batches' actual
+    staleness (policy versions behind); ``signal_tokens`` counts each repeat's tokens with A != 0.
+    Intervals across the repeats: ``replay_intervals``; the sentences they support: ``replay_findings``.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise bad_value("repeats", repeats, "an int >= 1 (stale and fresh batches; >= 2 for an interval)")
     objectives = list(objectives or OBJECTIVES.names())
     temperature = run.knobs.applied.temperature
     for _ in range(int(warmup)):
         run.step()
-    stale = _fresh(run, run.config.prompts_per_step)  # 1. generated (and scored) by theta_k
+    prompts = run.config.prompts_per_step
+    stales = [_fresh(run, prompts) for _ in range(repeats)]  # 1. all generated (and scored) by theta_k
     v0 = run.version
-    for _ in range(int(staleness)):  # 2. s ordinary updates
+    for _ in range(int(staleness)):  # 2. s ordinary updates, once: every stale batch is s versions old
         run.step()
     s = run.version - v0
-    model, cfg = run.model, run.config
-    # 4. the on-policy reference: a large fresh sample of theta_{k+s}
-    big = _fresh(run, cfg.prompts_per_step * onpolicy_factor)
+    model = run.model
+    big = _fresh(run, prompts * onpolicy_factor)  # 4. the on-policy reference: one large sample of theta_{k+s}
     g_on = onpolicy_gradient(model, big, temperature)
-    rows = replay_objectives(run, stale, g_on, objectives, temperature, params)  # 3.
-    fresh = _fresh(run, cfg.prompts_per_step)
-    g_fresh = onpolicy_gradient(model, fresh, temperature)
-    rows.append({"objective": FRESH_ROW, "aggregation": "token-mean", "loss": math.nan,
-                 "grad_norm": float(g_fresh.norm()), "cosine_to_onpolicy": _cos(g_fresh, g_on), "clipfrac": 0.0,
-                 "masked_frac": 0.0, "silenced_frac": 0.0, "ess_token": 1.0, "ess_seq": 1.0, "m2": 0.0})
-    df = pl.DataFrame(rows)
-    adv = stale.advantages if stale.advantages.dim() == 2 else stale.advantages[:, None]
-    signal = int(((stale.response_mask > 0) & (adv != 0)).sum())
-    return df.with_columns(pl.lit(s).alias("staleness"), pl.lit(len(stale)).alias("sequences"),
-                           pl.lit(len(big)).alias("onpolicy_sequences"), pl.lit(signal).alias("signal_tokens"))
+    frames = []
+    for r, stale in enumerate(stales):
+        rows = replay_objectives(run, stale, g_on, objectives, temperature, params)  # 3.
+        g_fresh = onpolicy_gradient(model, _fresh(run, prompts), temperature)  # the floor's r-th draw
+        rows.append({"objective": FRESH_ROW, "aggregation": "token-mean", "loss": math.nan,
+                     "grad_norm": float(g_fresh.norm()), "cosine_to_onpolicy": _cos(g_fresh, g_on), "clipfrac": 0.0,
+                     "masked_frac": 0.0, "silenced_frac": 0.0, "ess_token": 1.0, "ess_seq": 1.0, "m2": 0.0})
+        adv = stale.advantages if stale.advantages.dim() == 2 else stale.advantages[:, None]
+        signal = int(((stale.response_mask > 0) & (adv != 0)).sum())
+        frames.append(pl.DataFrame(rows).with_columns(
+            pl.lit(r).alias("repeat"), pl.lit(s).alias("staleness"), pl.lit(len(stale)).alias("sequences"),
+            pl.lit(len(big)).alias("onpolicy_sequences"), pl.lit(signal).alias("signal_tokens")))
+    return pl.concat(frames).select("repeat", pl.exclude("repeat"))
 
 
 def _fresh(run, prompts: int) -> Rollouts:
@@ -171,32 +189,7 @@ def _fresh(run, prompts: int) -> Rollouts:
     return batch
 
 
-def replay_summary(table: pl.DataFrame) -> dict[str, Any]:
-    """Headline numbers of a replay table (JSON-able; NaN stays NaN)."""
-    objs = table.filter(pl.col("objective") != FRESH_ROW)
-    fresh = table.filter(pl.col("objective") == FRESH_ROW)
-    col = lambda c: dict(zip(objs["objective"].to_list(), objs[c].to_list()))  # noqa: E731
-    return {"objectives": objs["objective"].to_list(), "staleness": int(table["staleness"][0]),
-            "sequences": int(table["sequences"][0]), "onpolicy_sequences": int(table["onpolicy_sequences"][0]),
-            "signal_tokens": int(table["signal_tokens"][0]),
-            "cosine_to_onpolicy": col("cosine_to_onpolicy"), "grad_norm": col("grad_norm"), "loss": col("loss"),
-            "clipfrac": col("clipfrac"), "masked_frac": col("masked_frac"), "silenced_frac": col("silenced_frac"),
-            "ess_token": float(objs["ess_token"][0]), "ess_seq": float(objs["ess_seq"][0]), "m2": float(objs["m2"][0]),
-            "fresh_batch_cosine": float(fresh["cosine_to_onpolicy"][0]) if fresh.height else math.nan}
 
 
-def replay_chart(table: pl.DataFrame):
-    """Bar charts of the replay table (cosine, grad norm, silenced fraction, ESS) per objective."""
-    import altair as alt
-
-    rows = table.select("objective", "cosine_to_onpolicy", "grad_norm", "silenced_frac", "ess_token").to_dicts()
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    base = alt.Chart(alt.Data(values=rows)).encode(y=alt.Y("objective:N", sort=None, title=None))
-    panels = [base.mark_bar().encode(x=alt.X(f"{col}:Q", title=title)).properties(width=180, height=18 * len(rows))
-              for col, title in (("cosine_to_onpolicy", "cosine to on-policy gradient"), ("grad_norm", "gradient norm"),
-                                 ("silenced_frac", "silenced token fraction"), ("ess_token", "token ESS"))]
-    return alt.hconcat(*panels)
-
-
-__all__ = ["FRESH_ROW", "replay_context", "onpolicy_gradient", "replay_chart", "replay_objectives", "replay_summary",
-           "same_batch_replay"]
+__all__ = ["FRESH_ROW", "REPEATS", "onpolicy_gradient", "replay_chart", "replay_context", "replay_findings",
+           "replay_intervals", "replay_objectives", "replay_summary", "replay_verdict", "same_batch_replay"]
