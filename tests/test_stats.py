@@ -16,7 +16,7 @@ import pytest
 from workbench.errors import WorkbenchError
 from workbench.stats import (Interval, bootstrap_ci, describe_difference, difference_interval, difference_is_resolved,
                              excludes, iqm, iqm_weights, probability_of_improvement, probability_of_improvement_ci,
-                             wilson_interval, z_value)
+                             wilson_difference, wilson_interval, z_value)
 
 Z95 = 1.959963984540054  # Phi^-1(0.975)
 
@@ -228,3 +228,10 @@ def test_probability_of_improvement_interval():
     assert lo == pytest.approx(ref_lo, abs=1 / 24) and hi == pytest.approx(ref_hi, abs=1 / 24)
     est, lo, hi = probability_of_improvement_ci([1.0], [0.5, 0.7])
     assert est == 1.0 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_wilson_difference_is_newcombes_hybrid_score_interval():
+    # Newcombe (1998), table II, example (a): 56/70 vs 48/80 -> difference 0.2000, 95% CI [0.0524, 0.3339]
+    d, lo, hi = wilson_difference(56 / 70, 70, 48 / 80, 80)
+    assert d == pytest.approx(0.2, abs=1e-12)
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)

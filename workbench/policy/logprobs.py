@@ -10,8 +10,9 @@ sampler's ``behavior_logprobs`` up to float rounding. With top-k / top-p the sam
 truncated, renormalised distribution, so its log-probs are >= these full-distribution ones: that
 gap is a real off-policy mismatch, not a bug (see ``workbench.steps.generate``).
 
-Left out: chunking long batches (each call is one forward over the whole batch; there is no
-micro-batching) and top-k/top-p-aware recomputation.
+Each call is one forward over the batch it is given; ``update_step`` splits a minibatch into pieces
+of ``micro_batch_size`` sequences before calling it (``workbench.steps.update``). Left out:
+top-k/top-p-aware recomputation.
 """
 
 from __future__ import annotations

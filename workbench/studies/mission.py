@@ -25,7 +25,7 @@ and S, then the rules at S (on 2 cores: two rounds for 4 arms, three for 5, the 
 **Statistics.** Final accuracy is the run's last held-out evaluation (``eval_size`` problems, at
 update ``steps``). One seed per arm: its Wilson 95% interval (``workbench.stats.wilson_interval``),
 and a difference of two arms gets Newcombe's hybrid score interval built from the two Wilson
-intervals (``wilson_difference``): evaluation noise only, not how far another seed would land. Two
+intervals (``workbench.stats.wilson_difference``): evaluation noise only, not how far another seed would land. Two
 or more seeds: the percentile bootstrap across seeds (``bootstrap_ci``, ``difference_interval``).
 Each printed comparison says whether its interval excludes 0 (``describe_difference``). The figure's
 bands are the Wilson interval of each evaluation (with several seeds: of their pooled problems).
@@ -58,7 +58,8 @@ from workbench.charts import HEIGHT, WIDTH, save_png
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.runs.rundir import atomic_write_parquet, atomic_write_text
-from workbench.stats import (Interval, bootstrap_ci, describe_difference, difference_interval, wilson_interval)
+from workbench.stats import (Interval, bootstrap_ci, describe_difference, difference_interval, wilson_difference,
+                             wilson_interval)
 from workbench.steps.reweight import OBJECTIVES
 from workbench.sweeps import RUNS_FILE, read_sweep, sweep
 
@@ -204,17 +205,6 @@ def final_interval(finals: list[float], n: int, confidence: float = CONFIDENCE) 
         lo, hi = wilson_interval(finals[0] * n, n, confidence)
         return Interval(finals[0], lo, hi), "wilson"
     return bootstrap_ci(finals, "mean", confidence), "bootstrap"
-
-
-def wilson_difference(p1: float, n1: int, p2: float, n2: int, confidence: float = CONFIDENCE) -> Interval:
-    """p1 - p2 of two independent binomial evaluations with Newcombe's hybrid score interval, built
-    from their Wilson intervals (Newcombe 1998, "Interval estimation for the difference between
-    independent proportions: comparison of eleven methods", Statistics in Medicine 17:873-890,
-    method 10): [d - sqrt((p1 - l1)^2 + (u2 - p2)^2), d + sqrt((u1 - p1)^2 + (p2 - l2)^2)]."""
-    l1, u1 = wilson_interval(p1 * n1, n1, confidence)
-    l2, u2 = wilson_interval(p2 * n2, n2, confidence)
-    d = p1 - p2
-    return Interval(d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
 def _mean(df: pl.DataFrame, col: str) -> float:

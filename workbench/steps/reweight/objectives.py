@@ -13,6 +13,10 @@ family modules so each stays short:
 - further methods: ``adaptive`` (``bapo``, ``r2vpo``), ``smooth`` (``mhpo``,
   ``ips_alpha``, ``gbpo``), ``rec``, ``covariance`` (``clip_cov``, ``kl_cov``), ``trajectory`` (``tb``),
   ``chord``. Some need ``policy_loss(..., context=...)`` (metadata ``needs``; see ``context``).
+- what the peers ship: ``peer_rules`` (``dppo_tv``, ``dppo_kl``, ``opsm``, ``vespo``, ``topr_token``:
+  prime-rl / verl / SkyRL / TRL / DeepSeek-V3.2 / Trinity-RFT), imported by the package.
+- the preference family: ``preference`` (``online_dpo``, ``ipo``, ``wpo``, ``copg``, ``slic``: pairs
+  formed within each group; arXiv:2410.18252, 2310.12036, 2406.11827, 2406.19185, 2305.10425).
 
 Each family's docstring cites its papers and states every objective's per-token loss and gradient;
 docs/objectives.md (generated from this registry) lists each objective's parameters. The behaviour
