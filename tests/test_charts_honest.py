@@ -1,4 +1,4 @@
-"""The run charts say what the data says (workbench.charts, workbench.chart_style): the numerical floor
+"""The run charts say what the data says (workbench.charts, workbench.charts.style): the numerical floor
 draws on-policy round-off as the metric's exact on-policy value with a note and leaves a real spread
 alone; every panel has a title, a y-axis title with its unit, human legend names (raw key in the
 tooltip); knob changes are rules on every panel named in one legend, a row per change, never text
@@ -22,7 +22,7 @@ import pytest
 import torch
 import vl_convert as vlc
 
-from workbench.chart_style import (COUNT, LINEAR, METRICS, PANELS, QUADRATIC, Flat, Metric, apply_floor,
+from workbench.charts.style import (COUNT, LINEAR, METRICS, PANELS, QUADRATIC, Flat, Metric, apply_floor,
                                    flat_value, floor_note, key_panels, metric, smooth_frame)
 from workbench.charts import chart_spec, spec_and_version
 from workbench.errors import WorkbenchError

@@ -1,4 +1,4 @@
-"""Every chart workbench draws renders with no network (workbench.chart_render): each chart kind is put
+"""Every chart workbench draws renders with no network (workbench.charts.render): each chart kind is put
 through the display path the notebooks use (IPython's display formatter, the live and curve widgets'
 JavaScript, the report's show_chart, a saved notebook) and ``network_refs`` of what comes out is empty.
 ``network_refs`` itself is checked on the outputs that do load from a CDN (Altair's default HTML
@@ -16,7 +16,7 @@ import pytest
 from altair.jupyter.jupyter_chart import load_js_src
 from IPython.core.formatters import DisplayFormatter
 
-from workbench.chart_render import RENDERER, VEGA_MIMETYPE, ChartDisplay, mimebundle
+from workbench.charts.render import RENDERER, VEGA_MIMETYPE, ChartDisplay, mimebundle
 from workbench.charts import chart_spec, network_refs, run_chart, save_html
 from workbench.errors import WorkbenchError
 from workbench.studies.prosperity import ONPOLICY

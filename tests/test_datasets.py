@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from workbench import math_answers
+from workbench.tasks import math_answers
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
-from workbench.math_answers import final_answer, last_boxed, to_number
+from workbench.tasks.math_answers import final_answer, last_boxed, to_number
 from workbench.policy.model import build_model
 from workbench.steps.rewards import REWARDS, math_equiv
 from workbench.tasks import make_task

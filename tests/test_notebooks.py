@@ -13,7 +13,7 @@ import nbformat
 import polars as pl
 import pytest
 
-from workbench.chart_render import VEGA_MIMETYPE
+from workbench.charts.render import VEGA_MIMETYPE
 from workbench.charts import network_refs
 from workbench.errors import WorkbenchError
 from workbench.notebook import ci_params, load_params_file, notebooks_dir, run_notebook, scale_to_defaults, setup

@@ -1,7 +1,7 @@
 """Rewards of the score step: reward functions (``REWARDS``) and their weighted combination.
 
 Built in: ``exact_match``, ``math_equiv`` (final answers compared mathematically,
-``workbench.math_answers``), ``format``, ``overlong`` (alias ``length_penalty``). A reward function
+``workbench.tasks.math_answers``), ``format``, ``overlong`` (alias ``length_penalty``). A reward function
 is a plain callable
 ``fn(prompts: list[str], completions: list[str], **kwargs) -> list[float]`` (one finite number per
 completion). ``kwargs`` always hold ``answers`` (list[str]), ``response_lengths`` (list[int], real
@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 
 from workbench.errors import WorkbenchError, bad_value
-from workbench.math_answers import check_backend, equivalent
+from workbench.tasks.math_answers import check_backend, equivalent
 from workbench.registry import Registry
 from workbench.rollouts import Rollouts
 
@@ -64,7 +64,7 @@ def math_equiv(
     ``backend="auto"`` uses Hugging Face's Math-Verify (``pip install 'workbench[data]'``) when it
     is installed, else the built-in fallback; ``"builtin"`` always the fallback (numbers compared
     exactly as rationals, other answers as strings); ``"math_verify"`` requires the package. What
-    each accepts: ``workbench.math_answers``.
+    each accepts: ``workbench.tasks.math_answers``.
     """
     check_backend(backend)
     return [1.0 if equivalent(c, a, backend) else 0.0 for c, a in zip(completions, answers)]

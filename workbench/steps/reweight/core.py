@@ -5,7 +5,7 @@ An objective is one plain function ``fn(inp: LossInputs, **params) -> LossOutput
 checked at import (non-empty paper and summary, ``Param`` names matching the keyword arguments,
 defaults in range), so a broken registration fails before any run starts. ``key_metric=KeyMetric(...)``
 names the statistic that tells whether the objective is doing its job (CISPO's truncated fraction,
-M2PO's M2 against tau); the run charts (``workbench.chart_style``) draw it in a panel of its own.
+M2PO's M2 against tau); the run charts (``workbench.charts.style``) draw it in a panel of its own.
 
 ``resolve_objective(name, params)`` looks the objective up once and returns an ``Objective``: its
 function, the filled and checked parameters, the context keys it needs and its default aggregation.

@@ -2,7 +2,7 @@
 
 Built-in synthetic tasks (``addition``, ``reverse``) and tasks read from data: a JSONL file
 (``jsonl``), a parquet file (``parquet``), a folder written by ``datasets``' ``save_to_disk``
-(``hf_dataset``), all mapped to examples by one ``FieldMapping`` (``workbench.task_files``). A task
+(``hf_dataset``), all mapped to examples by one ``FieldMapping`` (``workbench.tasks.files``). A task
 holds no random state: every draw uses the ``random.Random`` passed to ``sample`` (the loop owns it
 and saves it in checkpoints), and the held-out set comes from a fixed seed, so a task is fully
 described by its name and params (``Task.spec``).
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from workbench.errors import WorkbenchError, bad_value
-from workbench.math_answers import equivalent
+from workbench.tasks.math_answers import equivalent
 from workbench.registry import Registry
-from workbench.saved_datasets import SavedDataset
-from workbench.task_files import (MAPPING_DEFAULTS, MAX_JSONL_LINE_BYTES, FieldMapping, Record, check_path,
+from workbench.tasks.saved_datasets import SavedDataset
+from workbench.tasks.files import (MAPPING_DEFAULTS, MAX_JSONL_LINE_BYTES, FieldMapping, Record, check_path,
                                   frame_records, jsonl_records, read_parquet)
 
 HELDOUT_SEED = 1_234_567  # fixed: the held-out set never depends on the run's seed
@@ -238,9 +238,9 @@ DATA_DEFAULTS: dict[str, Any] = {"path": None, **MAPPING_DEFAULTS, "heldout_frac
 
 class DataTask(Task):
     """Base of the tasks read from data (docs/design.md, "Tasks from data"): every source kind maps
-    rows to examples with one ``FieldMapping`` (``workbench.task_files``) and only says how to read
+    rows to examples with one ``FieldMapping`` (``workbench.tasks.files``) and only says how to read
     its files (``_load``). ``verify`` (held-out accuracy and the warm start) is ``"exact"`` (stripped
-    strings) or ``"math_equiv"`` (``workbench.math_answers.equivalent``). The fingerprint hashes the
+    strings) or ``"math_equiv"`` (``workbench.tasks.math_answers.equivalent``). The fingerprint hashes the
     files read, so cached warm starts follow the data."""
 
     source = "a data file"
@@ -335,7 +335,7 @@ class JsonlTask(DataTask):
 @TASKS.register("parquet", summary="prompts and answers from a parquet file (path=...; prompt/answer/extra mapping)")
 class ParquetTask(DataTask):
     """A parquet file read with polars; columns mapped by ``prompt``, ``answer``, ``extra``
-    (``workbench.task_files``); ``heldout_fraction`` of the unique prompts are held out."""
+    (``workbench.tasks.files``); ``heldout_fraction`` of the unique prompts are held out."""
 
     name = "parquet"
     source = "a parquet file"
@@ -350,7 +350,7 @@ class ParquetTask(DataTask):
                 "heldout_split or heldout_fraction)")
 class HfDatasetTask(DataTask):
     """A ``Dataset`` or ``DatasetDict`` folder written by ``save_to_disk``, read with pyarrow
-    (``workbench.saved_datasets``: ``datasets`` itself is not needed). For a DatasetDict, ``split``
+    (``workbench.tasks.saved_datasets``: ``datasets`` itself is not needed). For a DatasetDict, ``split``
     (default ``"train"``) is trained on and ``heldout_split`` (e.g. ``"test"``) is held out;
     training rows whose prompt is also in the held-out split are dropped, so held-out prompts are
     never trained on. Without ``heldout_split`` (and always for a single Dataset),

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Iterator
 import polars as pl
 
 from workbench.errors import WorkbenchError, bad_value, one_line, parse_json, short_repr
-from workbench.math_answers import after_hashes, last_boxed
+from workbench.tasks.math_answers import after_hashes, last_boxed
 
 MAX_JSONL_LINE_BYTES = 1 << 20
 """Longest line (1 MiB) a JSONL task may have: a longer one is refused before it is decoded or

@@ -7,9 +7,9 @@ wraps it as an Altair chart; ``save_png`` / ``save_html`` render a chart or a sp
 through vl-convert (Vega-Lite compiled and rendered in an embedded JavaScript engine; HTML exports
 inline the JavaScript bundle). What each metric is called, its unit, the numerical floor that draws
 on-policy round-off as its exact nominal value, smoothing, log scales and the objectives' key
-statistics are in ``workbench.chart_style``; rendering (PNG, HTML, the notebook display bundle) and
+statistics are in ``workbench.charts.style``; rendering (PNG, HTML, the notebook display bundle) and
 ``network_refs``, the check that an output loads nothing from the network, are in
-``workbench.chart_render`` and re-exported here.
+``workbench.charts.render`` and re-exported here.
 
 Every panel has a title, a y-axis title with its unit, legend names from ``chart_style.METRICS``
 (the raw key is in the tooltip) and tooltips. Every panel folds one wide table (update + the
@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import altair as alt
 import polars as pl
 
-from workbench.chart_render import (ChartDisplay, mimebundle, network_refs, png_bytes, save_html, save_png,
+from workbench.charts.render import (ChartDisplay, mimebundle, network_refs, png_bytes, save_html, save_png,
                                     spec_and_version)
-from workbench.chart_style import (PANELS, REF_PREFIX, SPARSE_PREFIXES, Flat, Panel, apply_floor, as_panel,
+from workbench.charts.style import (PANELS, REF_PREFIX, SPARSE_PREFIXES, Flat, Panel, apply_floor, as_panel,
                                    chartable, flat_domain, floor_note, key_panels, metric, panel_ids, smooth_frame,
                                    spans_decades, y_scale)
 from workbench.errors import bad_value
