@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Callable
 import polars as pl
 
 from workbench.errors import WorkbenchError
-from workbench.runs.files import file_mode
+from workbench.runs.files import atomic_write
 
 BASE = "metrics.parquet"
 PARTS = "metrics.parts"
@@ -301,22 +300,7 @@ def _base_height(path: Path) -> int:
 
 
 def _write_parquet(df: pl.DataFrame, path: Path) -> None:
-    _replace(path, df.write_parquet)
-
-
-def _replace(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0o600 -> the umask's mode, as every run file
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
+    atomic_write(path, df.write_parquet)  # temp file, fsync, umask mode, rename: all or nothing
 
 
 def _unlink(path: Path) -> None:

@@ -85,6 +85,9 @@ def _jsonable(dtype: Any) -> bool:
     return False
 
 
+# answer_format -> (final-answer extractor, what a text without one lacks)
+_EXTRACTORS = {"gsm8k": (after_hashes, "'#### <final answer>'"), "boxed": (last_boxed, "closed \\boxed{...}")}
+
 @dataclass(frozen=True)
 class FieldMapping:
     """How a row becomes a record (module docstring). Build it with ``from_params``."""
@@ -205,16 +208,11 @@ class FieldMapping:
                 raise WorkbenchError(f"{field} does not match answer_regex={self.answer_regex.pattern!r} "
                                      f"({short_repr(text, 80)})")
             text = found
-        elif self.answer_format == "gsm8k":
-            found = after_hashes(text)
+        elif self.answer_format in _EXTRACTORS:
+            extract, missing = _EXTRACTORS[self.answer_format]
+            found = extract(text)
             if found is None:
-                raise WorkbenchError(f"{field} has no '#### <final answer>' (answer_format='gsm8k'): "
-                                     f"{short_repr(text, 80)}")
-            text = found
-        elif self.answer_format == "boxed":
-            found = last_boxed(text)
-            if found is None:
-                raise WorkbenchError(f"{field} has no closed \\boxed{{...}} (answer_format='boxed'): "
+                raise WorkbenchError(f"{field} has no {missing} (answer_format={self.answer_format!r}): "
                                      f"{short_repr(text, 80)}")
             text = found
         if not text.strip():
