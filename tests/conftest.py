@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from contention import CURRENT, Contention
+
 import workbench  # noqa: F401  (process defaults before torch loads)
 from workbench.steps.generate import TransformersSampler
 from workbench.policy.model import TINY_MODEL, ModelConfig, build_model
@@ -42,3 +44,14 @@ def addition_task():
 def sampler(tiny_model, tokenizer):
     """A TransformersSampler over ``tiny_model``."""
     return TransformersSampler(tiny_model, tokenizer)
+
+
+@pytest.fixture
+def contention():
+    """A ``contention.Contention`` sampling the machine while the test runs (timed notebook tests:
+    ``test_notebooks.load_factor`` reads it)."""
+    meter = Contention().start()
+    CURRENT.append(meter)
+    yield meter
+    meter.stop()
+    CURRENT.remove(meter)

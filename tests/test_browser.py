@@ -2,7 +2,9 @@
 (Debian's chromium driven by Playwright; no browser download), Run All, then the staleness slider
 dragged and the objective changed *while training runs*. Asserts that each change reaches the loop
 (knob_events.jsonl, the metrics' knob columns) and that the chart draws it (the knob rules' SVG
-labels), and saves a screenshot to tests/artifacts/.
+labels), and saves a screenshot to tests/artifacts/. Notebooks 01 and 05 are opened and run under
+their CI parameters: every chart output is drawn, by JupyterLab's own Vega (a non-empty SVG or
+canvas) or as its PNG (a loaded image of real size), no output shows an error, and nothing was fetched from a CDN (screenshots saved too).
 
 Run with ``bash scripts/test_browser.sh`` (installs chromium and playwright if missing, then
 ``pytest -m browser``). ~1-2 minutes on 2 cores. Skipped when chromium or playwright is missing.
@@ -25,7 +27,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from workbench.notebook import find_notebook, notebooks_dir
+from workbench.notebook import ci_params, find_notebook, load_params_file, notebooks_dir
 from workbench.runs.metrics import read_metrics
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -39,6 +41,9 @@ CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 # (the kernel is shut down at the end)
 PARAMS = {"tiny": True, "steps": 20000, "prompts_per_step": 4, "group_size": 4, "eval_every": 5, "eval_size": 16,
           "lr": 0.01, "chart_seconds": 0.5, "run_name": "browser"}
+
+
+RENDERED = ("01", "05")  # opened, run and checked for rendered charts (02: the live test)
 
 
 def _free_port() -> int:
@@ -86,6 +91,9 @@ def lab(tmp_path):
     pytest.importorskip("playwright.sync_api")
     nb = tmp_path / "02_browser.ipynb"
     pm.execute_notebook(str(find_notebook("02")), str(nb), parameters=PARAMS, prepare_only=True, progress_bar=False)
+    for stem in RENDERED:  # 01 and 05 under their CI parameters files, as CI runs them headless
+        pm.execute_notebook(str(find_notebook(stem)), str(tmp_path / f"{stem}_browser.ipynb"),
+                            parameters=load_params_file(ci_params(stem)), prepare_only=True, progress_bar=False)
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_HEADLESS"}
     env.update(JUPYTER_RUNTIME_DIR=str(tmp_path / ".runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / ".config"),
@@ -199,4 +207,85 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
                 page.evaluate("window.jupyterapp.commands.execute('kernelmenu:shutdown')")
             except Exception:
                 pass
+            ctx.close()
+
+
+def _open_and_run_all(page, url: str, token: str, name: str, timeout_ms: int = 300_000) -> None:
+    """Open ``name`` in JupyterLab, Run All, and wait until every code cell has run and the kernel is idle."""
+    page.goto(f"{url}/lab/tree/{name}?token={token}", timeout=120_000)
+    widget = "window.jupyterapp.shell.currentWidget"
+    page.wait_for_function(f"{widget} && {widget}.sessionContext && {widget}.sessionContext.session"
+                           f" && {widget}.sessionContext.session.kernel"
+                           f" && {widget}.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    done = (f"{widget}.content.widgets.every(c => c.model.type !== 'code' || "
+            f"(c.model.executionCount !== null && !c.hasClass('jp-mod-pending')))"
+            f" && {widget}.sessionContext.session.kernel.status === 'idle'")
+    page.wait_for_function(done, timeout=timeout_ms, polling=500)
+
+
+def _chart_report(page) -> dict:
+    """What the open notebook shows: its Vega outputs (each with the size of its SVG / canvas), the
+    error outputs and the text of every output."""
+    return page.evaluate("""() => {
+        const charts = [...document.querySelectorAll('.jp-RenderedVegaCommon5')].map(el => {
+            const g = el.querySelector('svg, canvas');
+            const r = g ? g.getBoundingClientRect() : {width: 0, height: 0};
+            let marks = el.querySelectorAll('svg path, svg line, svg rect, svg text').length;
+            if (g && g.tagName.toLowerCase() === 'canvas') {  // Vega's default renderer: count inked pixels
+                const d = g.getContext('2d').getImageData(0, 0, g.width, g.height).data;
+                marks = 0;
+                for (let i = 0; i < d.length; i += 4) {
+                    if (d[i + 3] > 0 && (d[i] < 240 || d[i + 1] < 240 || d[i + 2] < 240)) marks++;
+                }
+            }
+            return {drawn: !!g, width: r.width, height: r.height, marks};
+        });
+        const images = [...document.querySelectorAll('.jp-OutputArea-output.jp-RenderedImage img')].map(img =>
+            ({drawn: img.complete && img.naturalWidth > 0, width: img.naturalWidth, height: img.naturalHeight}));
+        const errors = [...document.querySelectorAll('.jp-OutputArea-output')].filter(el =>
+            el.getAttribute('data-mime-type') === 'application/vnd.jupyter.error').length;
+        const text = [...document.querySelectorAll('.jp-OutputArea-output')].map(el => el.innerText).join('\\n');
+        return {charts, images, errors, text};
+    }""")
+
+
+def test_notebooks_01_and_05_draw_every_chart_in_a_real_browser(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, token, root = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path / ".chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROME_ARGS,
+            viewport={"width": 1500, "height": 1300})
+        requests: list[str] = []
+        ctx.on("request", lambda r: requests.append(r.url))
+        page = ctx.pages[0] if ctx.pages else ctx.new_page()
+        try:
+            for stem in RENDERED:
+                name = f"{stem}_browser.ipynb"
+                _open_and_run_all(page, url, token, name)
+                report = _chart_report(page)
+                page.screenshot(path=str(ARTIFACTS / f"browser_{stem}.png"), full_page=True)
+                assert report["errors"] == 0, (stem, report["text"][-2000:])
+                for bad in ("Error loading script", "Traceback", "Javascript Error", "cdn.jsdelivr"):
+                    assert bad not in report["text"], (stem, bad)
+                executed = page.evaluate("window.jupyterapp.shell.currentWidget.content.model.toJSON()")
+                datas = [o.get("data") or {} for c in executed["cells"] for o in (c.get("outputs") or [])]
+                vega = sum("application/vnd.vega.v5+json" in d for d in datas)  # drawn by JupyterLab's Vega
+                png = sum("image/png" in d and "application/vnd.vega.v5+json" not in d for d in datas)  # as images
+                assert vega + png >= 1, stem
+                assert (len(report["charts"]), len(report["images"])) == (vega, png), (stem, report, vega, png)
+                for chart in report["charts"] + report["images"]:  # every chart drawn, and of a real size
+                    assert chart["drawn"] and chart["width"] > 50 and chart["height"] > 50, (stem, chart)
+                # not blank: SVG marks, or non-white canvas pixels (axes, lines, text)
+                assert all(chart["marks"] > 100 for chart in report["charts"]), (stem, report["charts"])
+                page.evaluate("window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+            external = [u for u in requests if not u.startswith(url)]
+            assert external == [], external[:5]  # offline: nothing but the local server was asked for
+        except BaseException:
+            page.screenshot(path=str(ARTIFACTS / "browser_rendered_failure.png"), full_page=True)
+            raise
+        finally:
             ctx.close()

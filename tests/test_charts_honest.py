@@ -354,3 +354,23 @@ def test_bench_live_charts_still_runs():
     renders = int(re.search(r"(\d+) renders", proc.stdout).group(1))
     ratio = float(re.search(r"ratio with / without: ([0-9.]+)", proc.stdout).group(1))
     assert renders >= 1 and math.isfinite(ratio) and ratio > 0
+
+
+def test_held_out_accuracy_draws_its_interval_as_error_bars_in_percent():
+    frame = pl.DataFrame({"update": [0, 1, 2, 3], "reward/accuracy": [0.2, 0.3, 0.25, 0.4],
+                          "eval/accuracy": [None, 0.5, None, 0.625], "eval/accuracy_lo": [None, 0.3, None, 0.4],
+                          "eval/accuracy_hi": [None, 0.7, None, 0.8]})
+    spec = chart_spec(frame)
+    panel = next(p for p in spec["concat"] if p["title"]["text"].startswith("accuracy"))
+    bars = [layer for layer in panel["layer"] if layer["encoding"].get("y2")]
+    assert len(bars) == 1 and bars[0]["mark"]["type"] == "rule"
+    assert bars[0]["encoding"]["y"]["field"] == "eval/accuracy_lo" and bars[0]["encoding"]["y2"]["field"] == "eval/accuracy_hi"
+    assert bars[0]["encoding"]["color"] == {"datum": "held-out"}  # the held-out series' colour
+    assert "95% interval of held-out" in panel["title"]["subtitle"]
+    rows = spec["datasets"]["metrics"]
+    assert [(r["eval/accuracy_lo"], r["eval/accuracy_hi"]) for r in rows if r["eval/accuracy_lo"] is not None] == [
+        (30.0, 70.0), (40.0, 80.0)]  # scaled like the accuracy itself (%)
+    # the bounds are never lines of their own, and without them no bars are drawn
+    assert all("accuracy_lo" not in json_layer for json_layer in map(str, (p["layer"][0]["transform"] for p in spec["concat"])))
+    plain = chart_spec(frame.drop("eval/accuracy_lo", "eval/accuracy_hi"))
+    assert not [l for p in plain["concat"] for l in p["layer"] if l["encoding"].get("y2")]

@@ -20,7 +20,7 @@ from workbench.charts.render import RENDERER, VEGA_MIMETYPE, ChartDisplay, mimeb
 from workbench.charts import chart_spec, network_refs, run_chart, save_html
 from workbench.errors import WorkbenchError
 from workbench.studies.prosperity import ONPOLICY
-from workbench.studies.prosperity_report import FIGURES, curve_chart, figures, show_chart
+from workbench.studies.prosperity_report import FIGURES, curve_chart, curve_frame, figures, show_chart
 from workbench.ui.curves import CurveExplorer
 from workbench.ui.live import LiveCharts
 
@@ -123,7 +123,13 @@ def test_live_panel_charts_load_their_javascript_offline():
 def test_prosperity_report_figures_display_offline(tmp_path):
     df = sweep_frame()
     charts = figures(df, smooth=2)
-    assert set(charts) == {stem for stem, _, _ in FIGURES}
+    assert set(charts) == {stem for stem, *_ in FIGURES}
+    for stem, cols, _, axis, scale in FIGURES:  # y titles say the quantity and its unit, never a raw key
+        y = charts[stem].to_dict()["spec"]["layer"][0]["encoding"]["y"]
+        assert y["title"] == axis and "/" not in axis.replace("nats^2", "") and "(" in axis, (stem, y["title"])
+    drawn = charts["accuracy"].to_dict()["data"]["values"]  # accuracy drawn in %, as its axis says
+    logged = curve_frame(df, ("eval/accuracy",), smooth=2).to_dicts()
+    assert [r["mean"] for r in drawn] == pytest.approx([100 * r["mean"] for r in logged], rel=1e-12)
     for stem, chart in charts.items():
         shown = show_chart(chart, tmp_path / f"{stem}.png")  # what notebook 05 displays
         assert isinstance(shown, ChartDisplay) and (tmp_path / f"{stem}.png").read_bytes()[:8] == PNG

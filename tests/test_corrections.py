@@ -75,17 +75,15 @@ def k3(d):
 
 
 def expected_weights(preset):
-    """(w, keep) per valid token for a preset, from its definition (``corrections.PRESETS``)."""
-    p = PRESETS[preset]
+    """(w, keep) per valid token for a preset name or a dict of fields, from its definition
+    (``corrections.PRESETS``; the corrections module docstring)."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
     w, keep = {}, {}
     for (i, t) in VALID:
         level = p.get("weight", "none")
-        if level == "token":
-            w[(i, t)] = min(rho((i, t)), p["cap"])
-        elif level == "sequence":
-            w[(i, t)] = min(math.exp(seq_sum(i)), p["cap"])
-        else:
-            w[(i, t)] = 1.0
+        raw = {"token": rho((i, t)), "sequence": math.exp(seq_sum(i)),
+               "geo_mean": math.exp(seq_sum(i) / len(ROWS[i]))}.get(level)
+        w[(i, t)] = 1.0 if raw is None else max(min(raw, p["cap"]), p.get("clip_low", 0.0))
         stat = p.get("reject", "none")
         lo, hi = p.get("reject_low", 0.0), p.get("reject_high")
         if stat == "none":
@@ -96,6 +94,8 @@ def expected_weights(preset):
             ok = lo <= math.exp(seq_sum(i)) <= hi
         elif stat == "seq_mean_k1":
             ok = lo <= math.exp(seq_sum(i) / len(ROWS[i])) <= hi
+        elif stat == "seq_any_k1":
+            ok = all(lo <= rho((i, s)) <= hi for s in ROWS[i])
         elif stat == "seq_mean_k3":
             ok = sum(k3(D[(i, s)]) for s in ROWS[i]) / len(ROWS[i]) <= hi
         else:
@@ -141,6 +141,7 @@ EXPECTED_REJECTED = {
     "geo_rs": {(0, 0), (0, 1), (0, 2)},        # geometric mean 1.54 outside [0.999, 1.001]
     "k3_rs": {(0, 0), (0, 1), (0, 2)},         # mean k3 of row 0 = 0.79 > 0.01; row 1 = 0.00125
     "areal": {(0, 1)},                         # behaviour weight 6.05 > 5 -> masked
+    "skyrl_outlier": set(),                    # every rho in [0.549, 6.05] is inside [1e-4, 100]
 }
 
 
@@ -239,6 +240,80 @@ def test_rejected_tokens_still_count_in_the_normaliser():
     close(grad[1, 0], 0.5 / (2 * 2))
 
 
+# ---- lower truncation, geometric-mean weight, any-token sequence rejection ------------------------
+# Hand rows on the example: rho = e^0.1 = 1.105, e^1.8 = 6.05, e^-0.6 = 0.549 (row 0; A = +1) and
+# e^0.05 = 1.051, e^-0.05 = 0.951 (row 1; A = -0.5). reinforce: gradient -keep w A / 5 per token.
+NEW_CASES = {
+    # token weight clip(rho, 0.6, 2): 0.549 is raised to 0.6, 6.05 cut to 2
+    "clip_low": ({"weight": "token", "cap": 2.0, "clip_low": 0.6},
+                 [[-math.exp(0.1) / 5, -2.0 / 5, -0.6 / 5], [0.5 * math.exp(0.05) / 5, 0.5 * math.exp(-0.05) / 5, 0.0]]),
+    # row weight exp(mean log rho): row 0 exp(1.3 / 3) = 1.542 cut to 1.5; row 1 exp(0) = 1
+    "geo_mean": ({"weight": "geo_mean", "cap": 1.5},
+                 [[-1.5 / 5] * 3, [0.5 / 5, 0.5 / 5, 0.0]]),
+    # geo_mean raised from below: row 1's 1 < 1.2 becomes 1.2; row 0's 1.542 stays
+    "geo_mean_low": ({"weight": "geo_mean", "cap": 2.0, "clip_low": 1.2},
+                     [[-math.exp(1.3 / 3) / 5] * 3, [0.5 * 1.2 / 5, 0.5 * 1.2 / 5, 0.0]]),
+    # any token outside [0.5, 5]: 6.05 rejects the whole of row 0; row 1 kept with weight 1
+    "seq_any_high": ({"reject": "seq_any_k1", "reject_low": 0.5, "reject_high": 5.0},
+                     [[0.0, 0.0, 0.0], [0.5 / 5, 0.5 / 5, 0.0]]),
+    # any token outside [0.55, 10]: 0.549 < 0.55 rejects row 0 from below
+    "seq_any_low": ({"reject": "seq_any_k1", "reject_low": 0.55, "reject_high": 10.0},
+                    [[0.0, 0.0, 0.0], [0.5 / 5, 0.5 / 5, 0.0]]),
+    # bounds that every token meets: nothing rejected (the token-level k1 would also keep all)
+    "seq_any_none": ({"reject": "seq_any_k1", "reject_low": 0.5, "reject_high": 7.0},
+                     [[-1.0 / 5] * 3, [0.5 / 5, 0.5 / 5, 0.0]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEW_CASES))
+def test_new_correction_hand_rows(case):
+    spec, grad_by_hand = NEW_CASES[case]
+    loss, grad, _ = run("reinforce", {"preset": "custom", **spec})
+    close(grad, grad_by_hand)
+    w, keep = expected_weights(spec)  # the same rows from the generic formula, with the loss
+    exp_loss, exp_grad = reinforce_case(w, keep)
+    close(loss, exp_loss)
+    close(grad, exp_grad)
+
+
+def test_new_corrections_in_decoupled_mode_weight_by_pi_prox_over_mu():
+    # prox = mu e^D, pi = prox e^U: the weights are those of bypass mode above, the ratio e^U (PPO-clip)
+    for spec, _ in NEW_CASES.values():
+        inputs, prox = decoupled_inputs()  # a fresh leaf each time: gradients accumulate
+        w, keep = expected_weights(spec)
+        loss, grad, m = run("ppo_clip", {"preset": "custom", **spec}, inputs, prox)
+        exp_loss, exp_grad = ppo_case({k: math.exp(U[k]) for k in VALID}, w, keep)
+        close(loss, exp_loss)
+        close(grad, exp_grad)
+        assert m["correction/decoupled"] == 1.0
+
+
+def test_clip_low_metrics_log_the_ratio_before_and_the_weight_after():
+    _, _, m = run("reinforce", {"preset": "custom", "weight": "token", "cap": 2.0, "clip_low": 0.6})
+    applied = [math.exp(0.1), 2.0, 0.6, math.exp(0.05), math.exp(-0.05)]
+    assert m["correction/truncated_frac"] == pytest.approx(1 / 5)       # 6.05 -> 2
+    assert m["correction/truncated_low_frac"] == pytest.approx(1 / 5)   # 0.549 -> 0.6
+    assert m["correction/changed_frac"] == pytest.approx(1.0)           # no rho is exactly 1
+    assert m["offpolicy/correction_changed_frac"] == m["correction/changed_frac"]
+    assert m["correction/weight_mean"] == pytest.approx(sum(applied) / 5, rel=1e-12)
+    assert m["correction/rho_mean"] == pytest.approx(sum(rho(k) for k in VALID) / 5, rel=1e-12)
+    geo = [math.exp(seq_sum(0) / 3), math.exp(seq_sum(1) / 2)]
+    assert m["correction/rho_geo_mean"] == pytest.approx(sum(geo) / 2, rel=1e-12)
+
+
+def test_seq_any_rejection_metrics_and_changed_fraction():
+    _, _, m = run("reinforce", {"preset": "custom", "reject": "seq_any_k1", "reject_low": 0.5, "reject_high": 5.0})
+    assert m["correction/rejected_frac"] == pytest.approx(3 / 5)
+    assert m["correction/rejected_seq_frac"] == pytest.approx(1 / 2)
+    assert m["correction/changed_frac"] == pytest.approx(3 / 5)  # row 1 keeps weight 1: unchanged
+    assert m["correction/truncated_low_frac"] == 0.0
+
+
+def test_new_fields_describe_themselves():
+    assert make_correction({"weight": "token", "clip_low": 0.5}).describe() == "token weight clip(rho, 0.5, 2)"
+    assert "seq_any_k1 outside [0.0001, 100]" in make_correction("skyrl_outlier").describe()
+
+
 # ---- decoupled mode ------------------------------------------------------------------------------
 
 # prox = mu * exp(D) (so rho = pi_prox / mu = exp(D)); pi_theta = pi_prox * exp(U)
@@ -323,7 +398,14 @@ def test_loglinear_proximal_by_hand():
 # ---- numerical safety, validation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+SAFETY_SPECS = sorted(PRESETS) + sorted(NEW_CASES)
+
+
+def as_spec(name):
+    return name if name in PRESETS else {"preset": "custom", **NEW_CASES[name][0]}
+
+
+@pytest.mark.parametrize("preset", SAFETY_SPECS)
 @pytest.mark.parametrize("scale", [50.0, -50.0])
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_extreme_ratios_never_leak_nan_or_inf(preset, scale, decoupled):
@@ -332,11 +414,12 @@ def test_extreme_ratios_never_leak_nan_or_inf(preset, scale, decoupled):
     prox = (beh + scale / 2).where(mask > 0, torch.zeros(())) if decoupled else None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loss, m = policy_loss("ppo_clip", lp, beh, adv, mask, correction=preset, prox_logprobs=prox)
+        loss, m = policy_loss("ppo_clip", lp, beh, adv, mask, correction=as_spec(preset), prox_logprobs=prox)
         loss.backward()
     assert math.isfinite(float(loss.detach())) and bool(torch.isfinite(lp.grad).all())
     assert all(math.isfinite(v) for k, v in m.items() if k.startswith("correction/") and not math.isnan(v))
     assert m["correction/rho_max"] <= math.exp(20) * (1 + 1e-9)
+    assert bool((lp.grad[mask == 0] == 0).all())
 
 
 def test_all_masked_batch_gives_zero_loss_and_nan_statistics():
@@ -361,6 +444,11 @@ def test_nan_behaviour_at_a_valid_token_is_a_clear_error():
     ({"preset": "custom", "reject": "token_k2", "reject_high": 0.1, "reject_low": 0.05}, "reject_low=0.05"),
     ({"preset": "custom", "reject": "token_k1", "reject_high": 0.5, "reject_low": 2.0}, "reject_low=2.0"),
     ({"preset": "custom", "kap": 2.0}, "no field 'kap'"),
+    ({"preset": "custom", "weight": "token", "clip_low": 3.0}, r"correction.clip_low=3.0 is invalid: expected a number in \[0, cap=2.0\]"),
+    ({"preset": "custom", "clip_low": -0.1}, "correction.clip_low=-0.1"),
+    ({"preset": "custom", "weight": "geo", "cap": 2.0}, "correction.weight='geo' is invalid: expected none | token | sequence | geo_mean"),
+    ({"preset": "custom", "reject": "seq_any_k1"}, "reject_high=None"),
+    ({"preset": "custom", "reject": "seq_any_k1", "reject_low": 3.0, "reject_high": 2.0}, "reject_low=3.0"),
     ("tis", "unknown correction preset 'tis'"),
     (3, "correction=3"),
 ])
@@ -518,13 +606,13 @@ def corrected_batches(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=corrected_batches(), preset=st.sampled_from(sorted(PRESETS)), decoupled=st.booleans(),
+@given(batch=corrected_batches(), preset=st.sampled_from(SAFETY_SPECS), decoupled=st.booleans(),
        objective=st.sampled_from(["ppo_clip", "reinforce", "gspo", "m2po"]),
        normalize=st.booleans())
 def test_property_finite_and_padding_gets_no_gradient(batch, preset, decoupled, objective, normalize):
     lp, beh, prox, adv, mask = batch
     lp = lp.clone().requires_grad_()
-    spec = {"preset": preset, "normalize": normalize}
+    spec = {**({"preset": preset} if preset in PRESETS else as_spec(preset)), "normalize": normalize}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss, m = policy_loss(objective, lp, beh, adv, mask, correction=spec,
@@ -532,7 +620,8 @@ def test_property_finite_and_padding_gets_no_gradient(batch, preset, decoupled, 
         loss.backward()
     assert math.isfinite(float(loss.detach())) and bool(torch.isfinite(lp.grad).all())
     assert bool((lp.grad[mask == 0] == 0).all())
-    for key in ("correction/truncated_frac", "correction/rejected_frac", "correction/rejected_seq_frac"):
+    for key in ("correction/truncated_frac", "correction/rejected_frac", "correction/rejected_seq_frac",
+                "correction/truncated_low_frac", "correction/changed_frac"):
         assert 0.0 <= m[key] <= 1.0
     if not math.isnan(m["correction/ess"]):
         assert 0.0 <= m["correction/ess"] <= 1.0 + 1e-9

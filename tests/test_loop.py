@@ -40,11 +40,20 @@ def test_end_to_end_writes_run_directory(tokenizer, tiny_model_config, tmp_path)
                 "perf/gen_tokens_per_s", "eval/accuracy"):
         assert col in df.columns, col
     assert df["eval/accuracy"].drop_nulls().len() == 2  # every 3 updates
+    # each evaluation carries its 95% Wilson interval over the 16 problems (Wilson 1927, by hand)
+    for acc, lo, hi in df.select("eval/accuracy", "eval/accuracy_lo", "eval/accuracy_hi").drop_nulls().rows():
+        z, n = 1.959963984540054, 16
+        centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * (acc * (1 - acc) / n + z * z / (4 * n * n)) ** 0.5
+        assert lo == pytest.approx(max(0.0, centre - half), abs=1e-12) and hi == pytest.approx(min(1.0, centre + half), abs=1e-12)
+        assert lo <= acc <= hi
     d = tmp_path / "r"
     assert pl.read_parquet(d / "metrics.parquet").height == 6
     assert json.loads((d / "config.json").read_text())["staleness"] == 2
     summary = json.loads((d / "summary.json").read_text())
     assert summary["updates"] == 6 and 0.0 <= summary["eval/final_accuracy"] <= 1.0
+    assert summary["eval/problems"] == 16
+    assert summary["eval/final_accuracy_lo"] <= summary["eval/final_accuracy"] <= summary["eval/final_accuracy_hi"]
     assert (d / "checkpoints" / "update_000006" / "model.safetensors").exists()
 
 

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 import torch
 
+from workbench.branch_report import paired_differences
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
@@ -36,7 +37,7 @@ def deterministic(df: pl.DataFrame) -> pl.DataFrame:
 def make_panel(tokenizer, tiny_model_config, tmp_path, *, headless=False, name="live", steps=400, **kw):
     cfg = RunConfig(**{**SMALL, "out_dir": str(tmp_path), "run_name": name, "steps": steps, **kw.pop("config", {})})
     model = build_model(tiny_model_config, tokenizer, seed=0)
-    return ControlPanel(cfg, model=model, tokenizer=tokenizer, headless=headless, log=lambda s: None,
+    return ControlPanel(cfg, model=model, tokenizer=tokenizer, headless=headless, log=kw.pop("log", lambda s: None),
                         chart_seconds=0.05, **kw)
 
 
@@ -327,3 +328,122 @@ def test_the_panel_shows_active_health_warnings_with_their_update(tokenizer, tin
         assert banner.count("<li>") == len(panel.run.health.banner())
     finally:
         panel.close()
+
+
+# ---------------------------------------------------------------- Branch here (workbench/ui/branching.py)
+def output_text(panel) -> str:
+    return "".join(o["text"] for o in panel.branching.widgets["output"].outputs)
+
+
+def every_path(root) -> set:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def test_branch_here_on_a_paused_run_then_the_parent_continues_exactly(tokenizer, tiny_model_config, tmp_path):
+    """The button forks the paused run into control + variant x repeats, prints the CLI's table and
+    sentences with intervals that match the paired t formula, and leaves the parent as it was."""
+    panel = make_panel(tokenizer, tiny_model_config, tmp_path, steps=7)
+    try:
+        panel.step(3)
+        assert panel.wait(60) and panel.run.version == 3
+        box = panel.branching.widgets
+        assert box["button"] in panel.box.children[-1].children[1].children  # the box is in the panel
+        box["variants"].value = "staleness=1 lr=0.003"
+        box["steps"].value, box["repeats"].value = 2, 2
+        t0 = time.perf_counter()
+        box["button"].click()  # what the frontend does
+        assert time.perf_counter() - t0 < 1.0  # the kernel is answered at once: the worker trains the branches
+        panel.start()  # refused while the branches train: the parent stays at update 3
+        assert panel.branching.wait(300) and panel.run.version == 3 and panel.trainer.state != "running"
+        bs = panel.branching.result
+        assert bs is not None and panel.branching.message == ""
+        folder = tmp_path / "live-branches-at3"
+        assert bs.folder == folder and (folder / "branches.json").is_file()
+        names = {p.name for p in folder.iterdir() if p.is_dir()}
+        assert names == {f"v{v}-{label}-r{r}" for v, label in ((0, "control"), (1, "staleness=1_lr=0.003"))
+                         for r in (0, 1)}
+        for b in bs.branches:  # each branch trained 2 updates after the fork, from the parent's 3 rows
+            assert pl.read_parquet(b.path / "metrics.parquet")["update"].to_list() == [0, 1, 2, 3, 4]
+        # the final row of the table, recomputed from the branches' own branch.json by the paired t formula
+        finals = {(b.variant, b.repeat): json.loads((b.path / "branch.json").read_text())["final"]["eval/accuracy"]
+                  for b in bs.branches}
+        d = [finals[(1, r)] - finals[(0, r)] for r in (0, 1)]
+        est = (d[0] + d[1]) / 2
+        half = math.tan(math.pi * (0.975 - 0.5)) * abs(d[0] - d[1]) / 2  # t_{0.975, 1} sd / sqrt(2), df=1: Cauchy
+        row = paired_differences(bs, "eval/accuracy").filter(pl.col("final")).row(0, named=True)
+        assert (row["estimate"], row["lo"], row["hi"]) == pytest.approx((est, est - half, est + half), rel=1e-6, abs=1e-12)
+        text = output_text(panel)
+        assert (f"| eval/accuracy | staleness=1 lr=0.003 | 2 | {100 * (finals[(0, 0)] + finals[(0, 1)]) / 2:.2f} |"
+                in text)
+        assert f"{100 * est:+.2f} [{100 * (est - half):.2f}, {100 * (est + half):.2f}] | t |" in text
+        assert "eval/accuracy: staleness=1 lr=0.003 vs control: " in text and "paired t-intervals" in text
+        assert f"branch set: {folder}" in text and "Traceback" not in text
+        assert f"chart: {folder / 'paired-eval_accuracy.png'}" in text  # update 4 is evaluated (eval_every 4)
+        assert (folder / "paired-eval_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        chart = box["chart"]
+        assert chart.layout.display is None and chart.spec["title"] == "live at update 3: eval/accuracy"
+        assert {r["variant"] for r in chart.spec["data"]["values"]} == {"staleness=1 lr=0.003"}
+        panel.start()  # the parent resumes where it paused
+        assert panel.wait(60) and panel.run.version == 7
+        parent = panel.run
+    finally:
+        panel.close()
+    twin = make_panel(tokenizer, tiny_model_config, tmp_path, headless=True, name="twin", steps=7)
+    twin.start()
+    assert deterministic(parent.metrics).equals(deterministic(twin.run.metrics))
+    assert parent.knob_events == twin.run.knob_events == []
+
+
+def test_branch_here_is_refused_while_training_runs(tokenizer, tiny_model_config, tmp_path):
+    panel = make_panel(tokenizer, tiny_model_config, tmp_path, steps=400)
+    try:
+        panel.start()
+        wait_until(lambda: panel.run.version >= 1)
+        panel.branching.widgets["variants"].value = "staleness=2"
+        panel.branching.widgets["button"].click()
+        text = output_text(panel)
+        assert text.startswith("branch here: Branch here is refused while training runs: press Pause")
+        assert text.count("\n") == 1 and not panel.branching.busy
+        assert "press Pause" in panel.status_text()
+    finally:
+        panel.close()
+    assert not list(tmp_path.glob("live-branches*")) and panel.branching.result is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("staleness8", "variants='staleness8' is invalid at 'staleness8': expected KEY=VALUE pairs"),
+    ("", "variants='' is invalid: expected KEY=VALUE pairs"),
+    ("staleness=2; seed=4", "variants: 'seed' is a config field fixed when a run starts: a branch can change "
+                            "only the live knobs staleness, sync_every"),
+    ("stalenes=2", "variants: 'stalenes' is not a config field or knob"),
+    ("lr=-1", "variants: {'lr': -1}: lr=-1 is invalid"),
+])
+def test_branch_here_refuses_bad_text_in_one_line_and_writes_nothing(tokenizer, tiny_model_config, tmp_path,
+                                                                      text, message):
+    panel = make_panel(tokenizer, tiny_model_config, tmp_path, steps=400)
+    try:
+        panel.step(1)
+        assert panel.wait(60)
+        before = every_path(tmp_path)
+        panel.branching.widgets["variants"].value = text
+        panel.branching.widgets["button"].click()
+        assert not panel.branching.busy and panel.branching.result is None
+        out = output_text(panel)
+        assert out.startswith(f"branch here: {message}"), out
+        assert out.count("\n") == 1 and "Traceback" not in out
+        assert every_path(tmp_path) == before  # no checkpoint, no branch folder
+    finally:
+        panel.close()
+
+
+def test_branch_here_without_a_frontend_runs_in_the_cell(tokenizer, tiny_model_config, tmp_path):
+    said = []
+    panel = make_panel(tokenizer, tiny_model_config, tmp_path, headless=True, name="h", steps=3, log=said.append)
+    assert panel.branch_here("staleness=1") is None and said[-1].startswith("branch here: Branch here is refused at "
+                                                                            "update 0")
+    panel.step(2)
+    bs = panel.branch_here("staleness=1; lr=0.003", steps=1)
+    assert bs is panel.branching.result and [b.path.name for b in bs.branches] == [
+        "v0-control-r0", "v1-staleness=1-r0", "v2-lr=0.003-r0"]
+    assert "| eval/accuracy | lr=0.003 | 1 |" in "\n".join(said) and f"branch set: {tmp_path / 'h-branches-at2'}" in said
+    assert panel.run.version == 2

@@ -171,6 +171,8 @@ class RunConfig:
     """Held-out examples evaluated."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint every N updates; 0 = only at the end of ``run()``."""
+    ope_every: int = 0
+    """Off-policy evaluation every N updates (``workbench.ope.OPEMonitor``: its estimators on the update's stale batch beside a fresh-sample truth, in ``ope.parquet``); 0 = off."""
     keep_checkpoints: int = 3
     """Newest N checkpoints kept (older ones deleted after each write); 0 = keep all; the final one of run() is always kept."""
     out_dir: str = "runs"
@@ -211,7 +213,7 @@ class RunConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
         for name in ("staleness", "warmup_steps", "checkpoint_every", "threads", "top_k", "max_new_tokens", "seed",
-                     "micro_batch_size"):
+                     "micro_batch_size", "ope_every"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "an integer >= 0")
         _check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool)

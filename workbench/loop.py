@@ -24,12 +24,14 @@ import torch
 from workbench.config import Knobs, RunConfig
 from workbench.errors import WorkbenchError
 from workbench.lint import nonfinite_message
+from workbench.ope import OPEMonitor
 from workbench.policy.build import build_policy, build_task, frozen_copy
 from workbench.policy.chat import render_examples, resolve_template
 from workbench.rollouts import Rollouts
 from workbench.runs import checkpoint as ckpt
 from workbench.runs.health import HealthMonitor
 from workbench.runs.rundir import RunDir, keep_previous
+from workbench.stats import wilson_interval
 from workbench.steps.buffer import StalenessBuffer, SyncStopped
 from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
 from workbench.steps.reweight import mismatch
@@ -95,7 +97,7 @@ class Run:
         self.last_batch: Rollouts | None = None
         self.last_update_tokens: dict[str, Any] | None = None
         self._schedule = {int(e["update"]): e["changes"] for e in (knob_schedule or [])}
-        self.hooks: list[Hook] = []
+        self.hooks: list[Hook] = [OPEMonitor(config.ope_every)] if config.ope_every else []
         self._stop = threading.Event()  # request_stop(): run() stops between updates
         self._stop_honoured = False
         self._nonfinite_streak = 0  # consecutive updates skipped for a non-finite gradient
@@ -163,7 +165,9 @@ class Run:
                     "offpolicy/staleness_min": float(stale.min()), "batch/sequences": float(len(minibatch))})
         if self.version % cfg.eval_every == 0 or self.version == cfg.steps:  # and always at the run's end
             t = time.perf_counter()
-            row["eval/accuracy"] = self.evaluate()
+            row["eval/accuracy"] = acc = self.evaluate()
+            # its 95% Wilson interval over the eval_n problems: a chart's error bar, a table's interval
+            row["eval/accuracy_lo"], row["eval/accuracy_hi"] = wilson_interval(acc * self.health.eval_n, self.health.eval_n)
             self._timing["perf/time_eval"] = time.perf_counter() - t
         row.update(self._timing)
         row["perf/time_step"] = time.perf_counter() - t_start
@@ -311,6 +315,10 @@ class Run:
             final = self.final_accuracy[1]
             out["eval/final_accuracy"] = final
             out["eval/best_accuracy"] = final if out["eval/best_accuracy"] is None else max(out["eval/best_accuracy"], final)
+        if out["eval/final_accuracy"] is not None:  # and its 95% Wilson interval (one evaluation)
+            n = self.health.eval_n
+            out["eval/final_accuracy_lo"], out["eval/final_accuracy_hi"] = wilson_interval(out["eval/final_accuracy"] * n, n)
+            out["eval/problems"] = n
         for col in ("reward/accuracy", "offpolicy/clipfrac", "offpolicy/masked_frac", "offpolicy/m2",
                     "offpolicy/ess_token", "loss/entropy"):
             if col in df.columns:

@@ -16,7 +16,8 @@ Every panel has a title, a y-axis title with its unit, legend names from ``chart
 panels' columns, rounded to 7 significant digits) that the spec holds once, so a refresh sends each
 number once. A panel is drawn only for columns that are present, numeric and hold at least one
 finite value; null, NaN and inf are gaps. Columns logged only every N updates (``eval/``) are points
-joined over their non-null rows. Knob changes (``knob_events.jsonl``) are dashed rules at the update
+joined over their non-null rows; held-out accuracy carries its 95% Wilson interval as error bars
+(``chart_style.BANDS``: the ``eval/accuracy_lo`` / ``_hi`` columns the loop logs). Knob changes (``knob_events.jsonl``) are dashed rules at the update
 they took effect at, on every panel, named in one legend ("knob changes") with a row per change.
 The metric definitions are in docs/design.md, "Diagnostics".
 
@@ -35,7 +36,7 @@ import polars as pl
 
 from workbench.charts.render import (ChartDisplay, mimebundle, network_refs, png_bytes, save_html, save_png,
                                     spec_and_version)
-from workbench.charts.style import (PANELS, REF_PREFIX, SPARSE_PREFIXES, Flat, Panel, apply_floor, as_panel,
+from workbench.charts.style import (BANDS, PANELS, REF_PREFIX, SPARSE_PREFIXES, Flat, Panel, apply_floor, as_panel,
                                    chartable, flat_domain, floor_note, key_panels, metric, panel_ids, smooth_frame,
                                    spans_decades, y_scale)
 from workbench.errors import bad_value
@@ -106,7 +107,27 @@ def _names_expr(cols: Sequence[str]) -> str:
     return expr
 
 
-def _panel(p: Panel, step: str, width: int, scale: dict[str, Any], note: str, changes: list[str]) -> dict[str, Any]:
+def _bands(frame: pl.DataFrame, cols: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The interval columns (``chart_style.BANDS``) the frame holds for ``cols``."""
+    return {c: BANDS[c] for c in cols if c in BANDS and all(chartable(frame, b) for b in BANDS[c])}
+
+
+def _band_layer(col: str, lo: str, hi: str, step: str, axis: str) -> dict[str, Any]:
+    """Error bars from ``lo`` to ``hi`` at ``col``'s points, in its series colour (the shared scale)."""
+    return {"transform": [{"filter": f"isValid(datum[{json.dumps(lo)}]) && isValid(datum[{json.dumps(hi)}])"}],
+            "mark": {"type": "rule", "strokeWidth": 1.2, "opacity": 0.6},
+            "encoding": {"x": {"field": step, "type": "quantitative"},
+                         "y": {"field": lo, "type": "quantitative"}, "y2": {"field": hi},
+                         "color": {"datum": metric(col).name},
+                         "tooltip": [{"field": step, "type": "quantitative", "title": step},
+                                     {"field": lo, "type": "quantitative", "title": f"{axis}: 95% interval, low",
+                                      "format": ".4~g"},
+                                     {"field": hi, "type": "quantitative", "title": f"{axis}: 95% interval, high",
+                                      "format": ".4~g"}]}}
+
+
+def _panel(p: Panel, step: str, width: int, scale: dict[str, Any], note: str, changes: list[str],
+           bands: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
     cols = list(p.columns)
     names = [metric(c).name for c in cols]
     base: dict[str, Any] = {
@@ -132,6 +153,10 @@ def _panel(p: Panel, step: str, width: int, scale: dict[str, Any], note: str, ch
     if sparse:
         layers.append({**base, "transform": base["transform"] + [{"filter": {"field": "series", "oneOf": sparse}}],
                        "mark": {"type": "point", "filled": True, "size": 20}})
+    for col, (lo, hi) in (bands or {}).items():
+        if col in cols:
+            layers.append(_band_layer(col, lo, hi, step, p.axis))
+            note = "; ".join(filter(None, [note, f"bars: 95% interval of {metric(col).name}"]))
     if changes:
         layers.append(_knob_layer(changes))
     return {"title": {"text": p.title, "subtitle": note} if note else p.title, "width": width, "layer": layers}
@@ -191,26 +216,31 @@ def chart_spec(metrics: pl.DataFrame, knob_events: Sequence[dict[str, Any]] = ()
     if not present:
         return _empty(spec, empty_text, width, height)
     cols = list(dict.fromkeys(c for p in present for c in p.columns))
-    frame, flats = apply_floor(frame.select([step] + cols), cols)
+    bands = _bands(frame, cols)  # e.g. held-out accuracy's Wilson interval: error bars, not lines
+    extra = [b for pair in bands.values() for b in pair]
+    frame, flats = apply_floor(frame.select([step] + cols + extra), cols)
     frame = smooth_frame(frame, cols, smooth)
-    frame = frame.with_columns(pl.col(c) * metric(c).scale for c in cols if metric(c).scale != 1.0)
+    scales = {**{c: metric(c).scale for c in cols}, **{b: metric(c).scale for c, pair in bands.items() for b in pair}}
+    frame = frame.with_columns(pl.col(c) * k for c, k in scales.items() if k != 1.0)
     rows = [{k: _clean(v) for k, v in r.items()} for r in frame.iter_rows(named=True)]
     events = [{"update": e["update"], "label": event_label(e["changes"])} for e in knob_events]
     changes = list(dict.fromkeys(change_text(e["update"], e["label"]) for e in events))  # the legend's rows
     charts = []
     for p in present:
-        charts.append({**_panel(p, step, width, _scale(frame, p, flats, log_scale), floor_note(p.columns, flats),
-                                changes), "height": height})
+        charts.append({**_panel(p, step, width, _scale(frame, p, flats, log_scale, bands),
+                                floor_note(p.columns, flats), changes, bands), "height": height})
     spec.update({"data": {"name": "metrics"}, "datasets": {"metrics": rows, "knobs": events},
                  "concat": charts, "columns": columns, "resolve": {"scale": {"color": "independent"}}})
     return spec
 
 
-def _scale(frame: pl.DataFrame, p: Panel, flats: dict[str, Flat], log_scale: str | Sequence[str]) -> dict[str, Any]:
+def _scale(frame: pl.DataFrame, p: Panel, flats: dict[str, Flat], log_scale: str | Sequence[str],
+           bands: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
     domain = flat_domain(p.columns, flats)
     if domain is not None:
         return {"zero": False, "domain": domain}
-    values = [v for c in p.columns for v in frame.get_column(c).cast(pl.Float64).to_list()]
+    shown = list(p.columns) + [b for c, pair in (bands or {}).items() if c in p.columns for b in pair]
+    values = [v for c in shown for v in frame.get_column(c).cast(pl.Float64).to_list()]
     log = p.id in log_scale if isinstance(log_scale, (list, tuple)) else (log_scale == "auto" and spans_decades(values))
     return y_scale(values, log)
 

@@ -44,6 +44,8 @@ from workbench.steps.reweight import OBJECTIVES
 LINEAR, QUADRATIC, COUNT = 1e-6, 1e-12, 0.0  # float noise of a metric around its nominal value
 FLAT_RELATIVE = 1e-6  # a metric without a nominal value is flat when max - min <= this * max(1, |mean|)
 LOG_DECADES = 2.0  # log_scale="auto": a log axis when the positive values span this many decades
+# a metric's interval columns (logged beside it): drawn as error bars on its points, never as lines
+BANDS: dict[str, tuple[str, str]] = {"eval/accuracy": ("eval/accuracy_lo", "eval/accuracy_hi")}
 REF_PREFIX = "ref/"  # derived reference columns: ref/<objective>/<param>
 SPARSE_PREFIXES: tuple[str, ...] = ("eval/",)  # logged every N updates: points + line over non-null
 STEP_PREFIXES: tuple[str, ...] = ("knob/", REF_PREFIX)  # step functions: never smoothed

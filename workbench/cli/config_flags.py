@@ -26,6 +26,7 @@ from workbench.config import RunConfig
 from workbench.errors import WorkbenchError, one_line, parse_json, short_repr
 from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.corrections import PRESETS, PROXIMAL_MODES, Correction
+from workbench.steps.reweight.presets import PEER_PRESETS, preset_fields
 from workbench.steps.reweight.reference import param_line
 from workbench.steps.score import ADVANTAGES, REWARDS
 from workbench.sweeps.grid import parse_value
@@ -141,6 +142,9 @@ def registries_epilog() -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``RunConfig`` field; every default is None, so only the flags given override."""
     docs = field_docs(RunConfig)
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"a peer's default policy loss as config fields, under --config and the flags: "
+                             f"{', '.join(PEER_PRESETS)} (python -m workbench list --presets)")
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -161,7 +165,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """``--config`` (JSON or YAML) if given, then every flag given over it; for ``run`` and ``sweep``
     the out-dir is checked too. A bad value that comes from the file names the file."""
     file = load_config_file(args.config) if getattr(args, "config", None) else {}
-    base = dict(file)
+    preset = getattr(args, "preset", None)
+    base = {**(preset_fields(preset) if preset else {}), **file}
     for f in dataclasses.fields(RunConfig):
         val = getattr(args, f.name, None)
         if val is None:

@@ -18,6 +18,7 @@ from workbench import notebook
 from workbench.cli.config_flags import add_config_flags, config_from_args, registries_epilog
 from workbench.errors import WorkbenchError
 from workbench.runs.stop import StopSignals, exit_code, signal_name
+from workbench.steps.reweight.presets import PEER_PRESETS
 from workbench.steps.reweight.reference import DOCS_PATH, objectives_markdown, write_docs
 from workbench.sweeps.grid import parse_value
 
@@ -35,7 +36,9 @@ def add_parsers(sub) -> None:
                        help="a checkpoint folder (or its name, e.g. update_000040) instead of the latest intact one")
     res_p.add_argument("--steps", type=int, default=None, help="run until this many updates in total")
     res_p.add_argument("--no-progress", action="store_true")
-    sub.add_parser("list", help="list objectives, advantage estimators, tasks and rewards", allow_abbrev=False)
+    list_p = sub.add_parser("list", help="list objectives, advantage estimators, tasks and rewards", allow_abbrev=False)
+    list_p.add_argument("--presets", action="store_true",
+                        help="list the peer presets (a peer framework's default policy loss as RunConfig fields)")
     lint_p = sub.add_parser("lint", help="warn about config combinations that probably do not do what was meant",
                             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     lint_p.add_argument("--config", help="a config.json to start from (flags override it)")
@@ -60,7 +63,7 @@ def add_parsers(sub) -> None:
 def cli_main(args) -> int:
     """One of this module's commands; returns the exit code (a ``WorkbenchError`` is the caller's: exit 2)."""
     if args.command == "list":
-        print(registries_epilog())
+        print(_presets_text() if args.presets else registries_epilog())
         return 0
     if args.command == "docs":
         return _docs(args)
@@ -97,6 +100,15 @@ def cli_main(args) -> int:
         print("interrupted while writing the run's charts: the run and its summary are complete", file=sys.stderr)
         return exit_code(signal.SIGINT)
     return 0
+
+
+def _presets_text() -> str:
+    """``list --presets``: each peer preset's fields, description and source."""
+    lines = ["peer presets (--preset NAME on run, sweep, lint; workbench.steps.reweight.presets.preset_fields NAME):"]
+    for name, p in PEER_PRESETS.items():
+        lines.append(f"  {name:22s} {p.peer}: " + ", ".join(f"{k}={v!r}" for k, v in p.fields.items()))
+        lines += [f"      {p.description}", f"      source: {p.source}"]
+    return "\n".join(lines)
 
 
 def _resume_updates(run, steps: int | None) -> int:

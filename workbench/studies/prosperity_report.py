@@ -33,16 +33,19 @@ from workbench.studies.prosperity_intervals import (CONFIDENCE, IQM_MIN_SEEDS, a
                                                     check_interval, closest_lines, with_last)
 from workbench.sweeps.results import eval_problems
 
-# (file stem, column(s) summed into the value, title)
-FIGURES: list[tuple[str, tuple[str, ...], str]] = [
-    ("accuracy", ("eval/accuracy",), "held-out accuracy"),
-    ("zeroed", ("offpolicy/clipfrac", "offpolicy/masked_frac"), "tokens with zeroed gradient (clipped or masked)"),
-    ("truncated", ("offpolicy/truncated_frac",), "tokens with a truncated weight (CISPO, TOPR)"),
-    ("m2", ("offpolicy/m2",), "M2 = mean (log r)^2 (symlog axis)"),
-    ("ess", ("offpolicy/ess_token",), "ESS (token, fraction)"),
-    ("entropy", ("loss/entropy",), "entropy"),
-    ("response_len", ("reward/response_len_mean",), "response length (tokens)"),
+# (file stem, column(s) summed into the value, title, y-axis title with its unit, drawn = logged x scale)
+FIGURES: list[tuple[str, tuple[str, ...], str, str, float]] = [
+    ("accuracy", ("eval/accuracy",), "held-out accuracy", "held-out accuracy (%)", 100.0),
+    ("zeroed", ("offpolicy/clipfrac", "offpolicy/masked_frac"), "tokens with zeroed gradient (clipped or masked)",
+     "clipped + masked tokens (%)", 100.0),
+    ("truncated", ("offpolicy/truncated_frac",), "tokens with a truncated weight (CISPO, TOPR)",
+     "truncated tokens (%)", 100.0),
+    ("m2", ("offpolicy/m2",), "M2 = mean (log r)^2 (symlog axis)", "M2 (nats^2)", 1.0),
+    ("ess", ("offpolicy/ess_token",), "ESS (token, fraction)", "ESS (fraction of samples)", 1.0),
+    ("entropy", ("loss/entropy",), "entropy", "entropy (nats per token)", 1.0),
+    ("response_len", ("reward/response_len_mean",), "response length (tokens)", "length (tokens)", 1.0),
 ]
+AXES = {cols: (axis, scale) for _, cols, _, axis, scale in FIGURES}
 PAPER = ("Zheng et al. 2025, arXiv:2510.01161, on Qwen2.5-32B and math reasoning: at staleness 256, "
          "PPO/GRPO clipping clipped 1.22% of tokens while M2PO masked 0.06%; stale-256 M2PO matched on-policy "
          "accuracy; stale GRPO degraded and unclipped importance sampling collapsed after improving.")
@@ -99,19 +102,25 @@ SYMLOG = ("offpolicy/m2",)  # spans 0 (on-policy) to ~25 (collapsed IS): a symlo
 
 
 def curve_chart(df: pl.DataFrame, columns: tuple[str, ...] | str, title: str = "", *, smooth: int = 10,
-                width: int = 210, height: int = 150) -> alt.TopLevelMixin:
+                width: int = 210, height: int = 150, axis: str = "", scale: float | None = None) -> alt.TopLevelMixin:
     """One metric over updates: facets = staleness, colour = objective, line = mean over seeds, band =
-    the bootstrap 95% interval of the mean (``BAND_TEXT``, the chart's subtitle)."""
+    the bootstrap 95% interval of the mean (``BAND_TEXT``, the chart's subtitle). ``axis`` (the y
+    title with its unit) and ``scale`` (drawn = logged x scale) default to the ``FIGURES`` entry of
+    ``columns``, else the key and 1."""
     columns = (columns,) if isinstance(columns, str) else tuple(columns)
+    default_axis, default_scale = AXES.get(columns, (" + ".join(columns), 1.0))
+    axis, scale = axis or default_axis, default_scale if scale is None else scale
     data = curve_frame(df, columns, smooth=smooth)
     if not data.height:
         raise WorkbenchError(f"columns {', '.join(columns)} are not in the sweep's metrics: nothing to draw")
+    if scale != 1.0:
+        data = data.with_columns(pl.col(c) * scale for c in ("mean", "lo", "hi"))
     order = _objective_order(df["objective"].unique(maintain_order=True).to_list())  # grid order, reference first
     order = [o for o in order if o in set(data["objective"].to_list())]
     colour = alt.Color("objective:N", sort=order, scale=alt.Scale(domain=order))
     scale_type = "symlog" if columns[0] in SYMLOG else "linear"
     base = alt.Chart().encode(x=alt.X("update:Q", title="update"), color=colour)
-    band = base.mark_area(opacity=0.18).encode(y=alt.Y("lo:Q", title=" + ".join(columns),
+    band = base.mark_area(opacity=0.18).encode(y=alt.Y("lo:Q", title=axis,
                                                        scale=alt.Scale(zero=False, type=scale_type),
                                                        axis=alt.Axis(format=".3~g")),
                                             y2="hi:Q")
@@ -128,9 +137,9 @@ def curve_chart(df: pl.DataFrame, columns: tuple[str, ...] | str, title: str = "
 def figures(df: pl.DataFrame, *, smooth: int = 10) -> dict[str, alt.TopLevelMixin]:
     """Every chart of ``FIGURES`` whose columns the sweep logged, by file stem."""
     out = {}
-    for stem, cols, title in FIGURES:
+    for stem, cols, title, axis, scale in FIGURES:
         if any(c in df.columns for c in cols):
-            out[stem] = curve_chart(df, cols, title, smooth=smooth)
+            out[stem] = curve_chart(df, cols, title, smooth=smooth, axis=axis, scale=scale)
     return out
 
 
@@ -210,7 +219,6 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     ``sweep.json``); ``figure_stems`` (of ``FIGURES``) are linked from ``figure_dir``, relative to the report."""
     runs = with_last(runs_table(df), df)
     table = summary_table(runs)
-    checks = check_claims(table)
     matched = drift_matched_staleness(table)
     stale = sorted(s for s in table["staleness"].unique().to_list() if s > 0)
     steps = int(runs["updates"].max())
@@ -240,26 +248,12 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     if failed:
         out.append(f"- Failed runs (excluded): {', '.join(failed)}.")
     highest = max(stale) if stale else None
-    out += ["", f"## The four statements at the highest staleness ({highest})", ""]
-    out += check_lines(checks, runs, highest, eval_n)
-    out += ["", "## How stale is stale: a drift gauge", "",
-            "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
-            "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
-            f"units here and in the paper, where GRPO clipped {100 * PAPER_CLIPFRAC:.2f}% of tokens at staleness "
-            "256:", "", drift_table(table), ""]
-    if matched is not None and matched != highest:
-        out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
-                f"staleness-256 data. The four statements at staleness {matched}:", ""]
-        out += check_lines(check_claims(table, staleness=matched), runs, matched, eval_n)
-    elif matched is not None:
-        out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
-    out += ["", "## Closest to on-policy", ""] + closest_lines(runs)
-    out += ["", "## Objective x staleness", "", markdown_table(table, runs, eval_n=eval_n), ""]
+    out += ["", results_markdown(runs, eval_n), ""]
     if figure_stems:
         out += ["## Figures", "", "Lines are the mean over seeds, bands the 95% bootstrap interval of that mean "
                 "(no band where a cell has one seed); the dashed line is the on-policy reference, repeated in every "
                 "panel. Per-update metrics are smoothed over 10 updates.", ""]
-        for stem, _, title in FIGURES:
+        for stem, _, title, _, _ in FIGURES:
             if stem in figure_stems:
                 out += [f"### {title}", "", f"![{title}]({figure_dir}/{stem}.png)", ""]
     out += ["## Scale, and what does not reproduce", "", f"The paper: {PAPER}", ""]
@@ -272,6 +266,34 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
         else:
             out.append(f"- At staleness {st}: every statement measured holds (intervals: see the statements above).")
     return "\n".join(out) + "\n"
+
+
+def results_markdown(runs: pl.DataFrame, eval_n: int | None, level: str = "##") -> str:
+    """The results as Markdown, with their intervals: the four statements at the highest staleness, the
+    drift gauge and the statements at the drift-matched staleness, the ranking per staleness, and the
+    objective x staleness table. ``runs``: ``with_last(runs_table(df), df)``; ``eval_n``: problems per
+    evaluation (``sweeps.results.eval_problems``); ``level``: the headings' Markdown level. The
+    report and notebook 05 show the same text."""
+    table = summary_table(runs)
+    matched = drift_matched_staleness(table)
+    stale = sorted(s for s in table["staleness"].unique().to_list() if s > 0)
+    highest = max(stale) if stale else None
+    out = [f"{level} The four statements at the highest staleness ({highest})", ""]
+    out += check_lines(check_claims(table), runs, highest, eval_n)
+    out += ["", f"{level} How stale is stale: a drift gauge", "",
+            "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
+            "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
+            f"units here and in the paper, where GRPO clipped {100 * PAPER_CLIPFRAC:.2f}% of tokens at staleness "
+            "256:", "", drift_table(table), ""]
+    if matched is not None and matched != highest:
+        out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
+                f"staleness-256 data. The four statements at staleness {matched}:", ""]
+        out += check_lines(check_claims(table, staleness=matched), runs, matched, eval_n)
+    elif matched is not None:
+        out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
+    out += ["", f"{level} Closest to on-policy", ""] + closest_lines(runs)
+    out += ["", f"{level} Objective x staleness", "", markdown_table(table, runs, eval_n=eval_n)]
+    return "\n".join(out)
 
 
 def _noise_text(eval_n: int | None) -> str:
@@ -315,7 +337,7 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
     return path
 
 
-__all__ = ["BAND_TEXT", "FIGURES", "check_lines", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table",
+__all__ = ["AXES", "BAND_TEXT", "FIGURES", "results_markdown", "check_lines", "curve_chart", "curve_frame", "figures", "closest_lines", "drift_table",
            "markdown_table", "render_markdown", "show_chart", "write_report"]
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,8 @@ liveness, doc as tooltip), staleness slider (0-256) with its mode (fixed lag s, 
 every n updates), learning rate, temperature, updates target, Start / Pause / Step / Reset, a status
 line (state, update, policy version, tokens/s), the recent knob changes, the live charts
 (``workbench.charts`` in ``workbench.ui.live``) and the per-token view of the latest batch
-(``workbench.ui.tokens``).
+(``workbench.ui.tokens``), and the "Branch here" box (``workbench.ui.branching``: fork the paused
+run into paired branches; ``panel.branch_here(...)`` does the same from code).
 
 Every widget change calls ``run.knobs.set(...)`` in the widget's thread; the loop applies it at
 the start of the next update and writes it to ``knob_events.jsonl`` with that update's index. The
@@ -42,6 +43,7 @@ from workbench.loop import Run, progress_postfix
 from workbench.notebook import has_frontend
 from workbench.runs.stop import StopSignals
 from workbench.charts import chart_spec, event_label, run_chart, save_png
+from workbench.ui.branching import BranchControl
 from workbench.ui.live import DEFAULT_EVERY_SECONDS, DEFAULT_EVERY_UPDATES, LiveCharts
 from workbench.ui.tokens import token_html, update_view
 from workbench.ui.trainer import BackgroundTrainer
@@ -86,8 +88,10 @@ class ControlPanel(PanelWidgets):
         self.run.hooks.append(self._on_row)
         self.widgets: dict[str, Any] = {}
         self.box = None
+        self.branching = BranchControl(self)
         if self.interactive:
             self._build_widgets()
+            self.box.children = (*self.box.children, self.branching.build())
             self._render_thread = threading.Thread(target=self._render_loop, name="workbench-render", daemon=True)
             self._render_thread.start()
 
@@ -106,8 +110,18 @@ class ControlPanel(PanelWidgets):
         return self.run.dir.path if self.run.dir else None
 
     # ================================================================ commands
+    def _refused_while_branching(self, command: str) -> bool:
+        """Start, Step and Reset wait for the branches: the worker holds the run between updates."""
+        if not self.branching.busy:
+            return False
+        self.last_error = f"{command} is refused while Branch here trains its branches: wait for its output"
+        self._status()
+        return True
+
     def start(self, steps: int | None = None) -> None:
         """Train up to ``steps`` updates in total (default: the config's). See the module doc."""
+        if self._refused_while_branching("Start"):
+            return
         target = int(steps) if steps is not None else (
             int(self.widgets["steps"].value) if self.widgets else self.config.steps)
         if self.widgets:
@@ -124,6 +138,8 @@ class ControlPanel(PanelWidgets):
         self.start(self.trainer.target)
 
     def step(self, n: int = 1) -> None:
+        if self._refused_while_branching("Step"):
+            return
         if self.interactive:
             self.trainer.step(n)
         else:
@@ -135,6 +151,8 @@ class ControlPanel(PanelWidgets):
 
     def reset(self) -> None:
         """Stop, then start over from the initial weights in a new run directory (see module doc)."""
+        if self._refused_while_branching("Reset"):
+            return
         self.trainer.stop()
         self._resets += 1
         name = (self.run.dir.path.name if self.run.dir else (self.config.run_name or "run")).split("-reset")[0]
@@ -147,6 +165,11 @@ class ControlPanel(PanelWidgets):
         self._sync_widgets_from_knobs()
         self._set_state_text("idle")
         self._wake.set()
+
+    def branch_here(self, variants: str | None = None, steps: int | None = None, repeats: int | None = None):
+        """Fork the paused run now into the control plus each variant x ``repeats``, ``steps`` updates
+        each (``workbench.ui.branching``); with a frontend it returns at once and fills the box's output."""
+        return self.branching.press(variants, steps, repeats)
 
     def _train_here(self, target: int) -> None:
         """No frontend: train in the calling thread with a plain progress bar (stderr). An interrupt
@@ -195,7 +218,8 @@ class ControlPanel(PanelWidgets):
         return summary
 
     def close(self) -> None:
-        """Stop training and the render thread."""
+        """Stop training, the branching worker and the render thread."""
+        self.branching.wait()
         self.trainer.stop()
         self._closed = True
         self._wake.set()

@@ -31,9 +31,15 @@ unchanged. Without rejection both are the same. The objective sees every valid t
 own batch statistics, e.g. M2PO's mask, include tokens the correction later rejects).
 
 Weights (``weight``): ``token``: w_t = min(rho_t, C); ``sequence``: w_i = min(prod_t rho_t, C)
-broadcast over the row (Yao et al. 2025 TIS, fengyao.notion.site/off-policy-rl); always detached;
-``normalize=True`` divides by the batch mean weight (tokens, or sequences for ``sequence``) as
-verl's ``rollout_is_batch_normalize``.
+broadcast over the row (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+Off-Policy RL Training", fengyao.notion.site/off-policy-rl, TIS); ``geo_mean``: w_i =
+min(exp(mean_t log rho_t), C) broadcast over the row, the length-normalised sequence weight whose
+rejection form is Geo-RS (Liu, Li et al. 2025; AReaL ``rejection_sampling`` level=sequence with
+metric=ratio, action=clamp, weights by the same geometric mean). ``clip_low`` (default 0 = off)
+truncates from below: w = max(w, clip_low) (TRL ``vllm_importance_sampling_clip_min`` in its
+``*_truncate`` modes, slime ``--tis-clip-low``), so w = clip(rho, clip_low, C). Always detached;
+``normalize=True`` divides by the batch mean weight (tokens, or sequences for the row-level weights)
+as verl's ``rollout_is_batch_normalize``.
 
 Rejection (``reject``), statistics of log rho_t = l_t over a row's valid tokens (verl
 ``compute_rollout_rejection_mask``; Liu, Li et al. 2025 "When Speed Kills Stability",
@@ -41,8 +47,10 @@ richardli.xyz/rl-collapse):
 
 - ``*_k1`` are ratio bounds: keep iff ``reject_low <= R <= reject_high`` with R = rho_t
   (``token_k1``, IcePop-style two-sided token mask), prod_t rho_t (``seq_sum_k1``, Seq-MIS) or
-  exp(mean_t l_t) (``seq_mean_k1``, the geometric mean, Geo-RS). ``reject_low = 0`` means no lower
-  bound. Compared in log space. verl's k1 statistic is -log rho, i.e. its bounds apply to mu/pi;
+  exp(mean_t l_t) (``seq_mean_k1``, the geometric mean, Geo-RS); ``seq_any_k1`` rejects the whole
+  row when ANY of its tokens has rho_t outside [reject_low, reject_high] (SkyRL
+  ``outlier_token_is_threshold_low`` / ``_high``, suggested 1e-4 / 100: preset ``skyrl_outlier``).
+  ``reject_low = 0`` means no lower bound. Compared in log space. verl's k1 statistic is -log rho, i.e. its bounds apply to mu/pi;
   for reciprocal bounds (0.5/2) the two agree, for Geo-RS's 0.999/1.001 up to 1e-6.
 - ``*_k2`` / ``*_k3``: k2_t = l_t^2 / 2, k3_t = rho_t - 1 - l_t (Schulman's estimators of
   KL(mu || pi), http://joschu.net/blog/kl-approx.html), per token (``token_*``), summed
@@ -60,17 +68,13 @@ Numerics: log rho is finite at valid tokens (``policy_loss`` checks its inputs);
 +-20 before every exp (verl's exp(+-20) safety bound), so no weight or statistic overflows; the
 zeroing uses ``torch.where``, never ``0 * inf``.
 
-Metrics (``correction/``, over valid tokens; sequences = rows with >= 1 valid token):
-``decoupled`` (1.0 / 0.0), ``weight_mean`` (applied weight keep * w), ``truncated_frac`` and
-``truncated_seq_frac`` (rho above C), ``rejected_frac`` and ``rejected_seq_frac`` (rows with any
-rejected token), pre-truncation ratio statistics ``rho_mean`` / ``rho_max`` / ``rho_q95`` (token
-rho) and ``rho_seq_mean`` / ``rho_seq_max`` / ``rho_seq_q95`` (sequence product ratio), ``ess`` =
-(sum a)^2 / (N sum a^2) of the applied weights a (0 when every token is rejected). Statistics are
-NaN when there is no valid token; fractions are 0.
+Metrics (``correction/``): ``correction_metrics`` lists them: the raw ratio before the correction
+(``rho_*``), the applied weight after it (``weight_mean``, ``ess``) and what it changed
+(``truncated_frac``, ``truncated_low_frac``, ``rejected_frac``, ``changed_frac``, ...).
 
 ``apply_correction`` also returns ``changed`` [B, T]: the valid tokens whose weight the correction
 changed (rejected, truncated, or weight != 1), which ``policy_loss`` reports as
-``offpolicy/correction_changed_frac``.
+``offpolicy/correction_changed_frac`` (and the correction as ``correction/changed_frac``).
 
 ``loglinear_proximal`` (AReaL's pi_prox without a forward pass) lives in ``proximal`` and is
 re-exported here.
@@ -90,14 +94,15 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.steps.reweight.correction_metrics import correction_metrics
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP, LossInputs
 from workbench.steps.reweight.is_weighted import truncated_is_weight
 from workbench.steps.reweight.proximal import PROXIMAL_MODES, loglinear_alpha, loglinear_proximal
 
-WEIGHT_LEVELS: tuple[str, ...] = ("none", "token", "sequence")
+WEIGHT_LEVELS: tuple[str, ...] = ("none", "token", "sequence", "geo_mean")
 REJECT_STATS: tuple[str, ...] = (
     "none",
-    "token_k1", "seq_sum_k1", "seq_mean_k1",
+    "token_k1", "seq_sum_k1", "seq_mean_k1", "seq_any_k1",
     "token_k2", "seq_sum_k2", "seq_mean_k2", "seq_max_k2",
     "token_k3", "seq_sum_k3", "seq_mean_k3", "seq_max_k3",
 )
@@ -112,7 +117,8 @@ def _is_number(x: Any) -> bool:
 class Correction:
     """A behaviour correction: detached IS weight and/or rejection mask (module docstring).
 
-    ``weight``: none | token | sequence; ``cap``: truncation C >= 1 of the weight; ``reject``: one
+    ``weight``: none | token | sequence | geo_mean; ``cap``: truncation C >= 1 of the weight;
+    ``clip_low``: lower truncation of the weight, 0 <= clip_low <= C (0 = off); ``reject``: one
     of ``REJECT_STATS``; ``reject_low``: lower ratio bound for ``*_k1`` (0 = none; must be 0 for
     k2/k3); ``reject_high``: upper bound (ratio for k1, statistic for k2/k3; required when
     rejecting); ``normalize``: divide the weights by their batch mean; ``denominator``: what the
@@ -122,6 +128,7 @@ class Correction:
     weight: str = "none"
     cap: float = 2.0
     reject: str = "none"
+    clip_low: float = 0.0
     reject_low: float = 0.0
     reject_high: float | None = None
     normalize: bool = False
@@ -135,6 +142,8 @@ class Correction:
             raise bad("weight", self.weight, " | ".join(WEIGHT_LEVELS))
         if not (_is_number(self.cap) and self.cap >= 1.0):
             raise bad("cap", self.cap, "a number >= 1")
+        if not (_is_number(self.clip_low) and 0.0 <= self.clip_low <= self.cap):
+            raise bad("clip_low", self.clip_low, f"a number in [0, cap={self.cap!r}] (0 = no lower truncation)")
         if self.reject not in REJECT_STATS:
             raise bad("reject", self.reject, " | ".join(REJECT_STATS))
         if not (_is_number(self.reject_low) and self.reject_low >= 0.0):
@@ -155,6 +164,7 @@ class Correction:
                 raise bad("reject_low", self.reject_low, f"0 (only *_k1 statistics have a lower bound, "
                                                          f"reject={self.reject})")
         object.__setattr__(self, "cap", float(self.cap))
+        object.__setattr__(self, "clip_low", float(self.clip_low))
         object.__setattr__(self, "reject_low", float(self.reject_low))
         if self.reject_high is not None:
             object.__setattr__(self, "reject_high", float(self.reject_high))
@@ -172,7 +182,8 @@ class Correction:
         """One line, e.g. ``sequence weight min(rho, 2) + reject seq_sum_k1 outside [0.5, 2]``."""
         parts = []
         if self.weighted:
-            parts.append(f"{self.weight} weight min(rho, {self.cap:g})" + (" normalised" if self.normalize else ""))
+            bound = f"clip(rho, {self.clip_low:g}, {self.cap:g})" if self.clip_low > 0 else f"min(rho, {self.cap:g})"
+            parts.append(f"{self.weight} weight {bound}" + (" normalised" if self.normalize else ""))
         if self.rejecting:
             if self.reject.endswith("_k1"):
                 lo = f"{self.reject_low:g}" if self.reject_low > 0 else "0"
@@ -194,6 +205,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "k3_rs": dict(reject="seq_mean_k3", reject_high=0.01),
     "areal": dict(weight="token", cap=5.0, reject="token_k1", reject_high=5.0),
     "areal_clamp": dict(weight="token", cap=5.0),
+    "skyrl_outlier": dict(reject="seq_any_k1", reject_low=1e-4, reject_high=100.0),
 }
 """Named corrections: verl rollout-correction presets (C = 2, Seq-MIS [0.5, 2], Geo-RS
 [0.999, 1.001], K3-RS 0.01), IcePop's [0.5, 5] and AReaL's behaviour-weight cap 5 (mask / clamp)."""
@@ -208,6 +220,7 @@ PRESET_SOURCES: dict[str, str] = {
     "k3_rs": "verl decoupled_k3_rs",
     "areal": "AReaL arXiv:2505.24298 behave_imp_weight_cap=5, token mask",
     "areal_clamp": "AReaL arXiv:2505.24298 rejection_sampling action=clamp",
+    "skyrl_outlier": "SkyRL off_policy_correction outlier_token_is_threshold_low=1e-4 / _high=100 (suggested values)",
 }
 
 
@@ -252,9 +265,6 @@ def make_correction(spec: Any = None, params: dict[str, Any] | None = None) -> C
 # applying a correction inside policy_loss
 # --------------------------------------------------------------------------------------------
 
-_NAN = float("nan")
-
-
 def behaviour_log_ratio(inp: LossInputs, behavior_logprobs: torch.Tensor, decoupled: bool) -> torch.Tensor:
     """log rho [B, T] (detached, 0 at padding): log pi_prox - log mu (decoupled) or log pi_theta - log mu."""
     zero = inp.logprobs.new_zeros(())
@@ -269,6 +279,11 @@ def rejection_keep(corr: Correction, inp: LossInputs, log_rho: torch.Tensor) -> 
     if not corr.rejecting:
         return valid.clone()
     level, kind = corr.reject.rsplit("_", 1)
+    if level == "seq_any":  # a row survives only if every valid token's rho is inside the bounds
+        inside = log_rho <= math.log(float(corr.reject_high))  # [B, T]
+        if corr.reject_low > 0:
+            inside = inside & (log_rho >= math.log(corr.reject_low))
+        return valid & (inside | ~valid).all(dim=-1, keepdim=True)  # [B, T]
     lrc = log_rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
     if kind == "k1":
         tok = log_rho  # [B, T]
@@ -294,12 +309,21 @@ def rejection_keep(corr: Correction, inp: LossInputs, log_rho: torch.Tensor) -> 
     return valid & ok  # [B, T]
 
 
-def correction_weight(corr: Correction, inp: LossInputs, log_rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [B, T] detached, 0 at padding; truncated [B, T] bool) of ``corr.weight``."""
-    valid = inp.mask
+def correction_weight(corr: Correction, inp: LossInputs, log_rho: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight [B, T] detached, 0 at padding; truncated at C [B, T]; raised to clip_low [B, T]) of ``corr``."""
+    valid = inp.mask  # [B, T]
+    none = torch.zeros_like(valid)  # [B, T]
     if not corr.weighted:
-        return valid.to(log_rho.dtype), torch.zeros_like(valid)
-    w, truncated = truncated_is_weight(log_rho, valid, level=corr.weight, cap=corr.cap)  # [B, T] x2
+        return valid.to(log_rho.dtype), none, none
+    if corr.weight == "geo_mean":  # exp(mean_t log rho) per row, clamped, truncated at C
+        log_w = inp.seq_mean(log_rho).unsqueeze(-1).expand_as(log_rho).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        truncated = valid & (log_w > math.log(corr.cap))  # [B, T]
+        w = torch.where(valid, torch.exp(log_w.clamp(max=math.log(corr.cap))), log_w.new_zeros(()))  # [B, T]
+    else:
+        w, truncated = truncated_is_weight(log_rho, valid, level=corr.weight, cap=corr.cap)  # [B, T] x2
+    raised = valid & (w < corr.clip_low)  # [B, T]; never set when clip_low = 0 (w > 0)
+    w = torch.where(raised, w.new_tensor(corr.clip_low), w)  # [B, T]
     if corr.normalize:
         if corr.weight == "token":
             vals = w[valid]  # [N]
@@ -309,7 +333,7 @@ def correction_weight(corr: Correction, inp: LossInputs, log_rho: torch.Tensor) 
         mean = float(vals.mean()) if vals.numel() else 0.0
         if mean > 1e-8:
             w = w / mean
-    return w, truncated
+    return w, truncated, raised
 
 
 @dataclass
@@ -329,54 +353,14 @@ def apply_correction(
     """Corrected per-token loss keep * w * L [B, T], the aggregation mask and the ``correction/`` metrics."""
     with torch.no_grad():
         log_rho = behaviour_log_ratio(inp, behavior_logprobs, decoupled)  # [B, T]
-        w, truncated = correction_weight(corr, inp, log_rho)  # [B, T] x2
+        w, truncated, raised = correction_weight(corr, inp, log_rho)  # [B, T] x3
         keep = rejection_keep(corr, inp, log_rho)  # [B, T]
         w = w.to(per_token_loss.dtype)
-        changed = inp.mask & (~keep | truncated | (w != 1.0))  # [B, T]
+        changed = inp.mask & (~keep | truncated | raised | (w != 1.0))  # [B, T]
     loss = torch.where(keep, w * per_token_loss, per_token_loss.new_zeros(()))  # [B, T]
     with torch.no_grad():
-        metrics = _metrics(inp, log_rho, w, truncated, keep, decoupled)
+        metrics = correction_metrics(inp, log_rho, w, truncated, raised, keep, changed, decoupled)
     return Corrected(loss, keep if corr.denominator == "kept" else inp.mask, changed, metrics)
-
-
-def _quantile95(x: torch.Tensor) -> torch.Tensor | float:
-    return torch.quantile(x, 0.95) if x.numel() else _NAN
-
-
-def _metrics(inp: LossInputs, log_rho: torch.Tensor, w: torch.Tensor, truncated: torch.Tensor,
-             keep: torch.Tensor, decoupled: bool) -> dict[str, Any]:
-    valid = inp.mask  # [B, T]
-    rows = inp.seq_lengths > 0  # [B]
-    n_rows = int(rows.sum())
-
-    def row_frac(cond: torch.Tensor) -> torch.Tensor | float:
-        return (cond & valid).any(dim=-1)[rows].double().mean() if n_rows else 0.0
-
-    rejected = valid & ~keep  # [B, T]
-    applied = torch.where(keep, w, w.new_zeros(())).double()[valid]  # [N]
-    out: dict[str, Any] = {
-        "correction/decoupled": 1.0 if decoupled else 0.0,
-        "correction/truncated_frac": inp.frac(truncated),
-        "correction/truncated_seq_frac": row_frac(truncated),
-        "correction/rejected_frac": inp.frac(rejected),
-        "correction/rejected_seq_frac": row_frac(rejected),
-    }
-    if applied.numel() == 0:
-        for k in ("weight_mean", "ess", "rho_mean", "rho_max", "rho_q95", "rho_seq_mean", "rho_seq_max",
-                  "rho_seq_q95"):
-            out[f"correction/{k}"] = _NAN
-        return out
-    sq = (applied * applied).sum()
-    out["correction/weight_mean"] = applied.mean()
-    out["correction/ess"] = applied.sum() ** 2 / (applied.numel() * sq) if float(sq) > 0 else 0.0
-    rho = log_rho.double()[valid].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [N]
-    rho_seq = inp.seq_sum(log_rho).double()[rows].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [B']
-    out.update({
-        "correction/rho_mean": rho.mean(), "correction/rho_max": rho.max(), "correction/rho_q95": _quantile95(rho),
-        "correction/rho_seq_mean": rho_seq.mean(), "correction/rho_seq_max": rho_seq.max(),
-        "correction/rho_seq_q95": _quantile95(rho_seq),
-    })
-    return out
 
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The objective reference, generated from the registries (never written by hand).
 
 ``objectives_markdown()`` renders every registered objective (paper, summary, default
-aggregation, presets, context needs, parameters with defaults, ranges and liveness) and the
-correction presets as markdown; ``python -m workbench docs`` writes it to ``docs/objectives.md``
+aggregation, presets, context needs, parameters with defaults, ranges and liveness), the
+correction presets and the peer presets as markdown; ``python -m workbench docs`` writes it to ``docs/objectives.md``
 (``--check`` only compares). ``param_line`` is the one-line form the CLI's ``--help`` uses. A test
 fails when the committed file is out of date, so docs and code cannot drift.
 """
@@ -15,6 +15,7 @@ from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.core import Param, objective_needs
 from workbench.steps.reweight.corrections import (DENOMINATORS, PRESET_SOURCES, PRESETS, REJECT_STATS, WEIGHT_LEVELS,
                                                   Correction)
+from workbench.steps.reweight.presets import PEER_PRESETS
 
 DOCS_PATH = Path(__file__).resolve().parents[3] / "docs" / "objectives.md"  # <repo>/docs/objectives.md
 
@@ -94,6 +95,13 @@ def objectives_markdown() -> str:
     for preset in sorted(PRESETS):
         desc = Correction(**PRESETS[preset]).describe()
         lines.append(f"| `{preset}` | {_cell(desc)} | {_cell(PRESET_SOURCES.get(preset, ''))} |")
+    lines += ["", "# Peer presets", "",
+              "RunConfig fields that reproduce a peer framework's default policy loss "
+              "(`workbench.steps.reweight.presets.preset_fields(name)`; `python -m workbench list --presets`).",
+              "", "| preset | peer | fields | what it is | source |", "|---|---|---|---|---|"]
+    for name, p in PEER_PRESETS.items():
+        fields = ", ".join(f"{k}={v!r}" for k, v in p.fields.items())
+        lines.append(f"| `{name}` | {_cell(p.peer)} | {_cell(fields)} | {_cell(p.description)} | {_cell(p.source)} |")
     return "\n".join(lines) + "\n"
 
 
