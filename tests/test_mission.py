@@ -206,3 +206,5 @@ def test_cli_prints_the_table_and_exits_0(study, capsys, tmp_path):
     assert "intervals: 95% Wilson interval of one evaluation on n = 8" in out
     assert main(["compare", "--objective", "m2po", "--workers", "0"]) == 2
     assert "--objective is invalid for compare" in capsys.readouterr().err
+    assert main(["compare", "--preset", "verl_vanilla", "--workers", "0"]) == 2  # a preset would be half-applied
+    assert "--preset is invalid for compare" in capsys.readouterr().err

@@ -413,10 +413,10 @@ def test_branch_here_is_refused_while_training_runs(tokenizer, tiny_model_config
 @pytest.mark.parametrize("text, message", [
     ("staleness8", "variants='staleness8' is invalid at 'staleness8': expected KEY=VALUE pairs"),
     ("", "variants='' is invalid: expected KEY=VALUE pairs"),
-    ("staleness=2; seed=4", "variants: 'seed' is a config field fixed when a run starts: a branch can change "
-                            "only the live knobs staleness, sync_every"),
-    ("stalenes=2", "variants: 'stalenes' is not a config field or knob"),
-    ("lr=-1", "variants: {'lr': -1}: lr=-1 is invalid"),
+    ("staleness=2; seed=4", "variants: changes[2]: 'seed' is a config field fixed when a run starts, not a live "
+                            "knob: a branch can change only the live knobs staleness, sync_every"),
+    ("stalenes=2", "variants: changes[1]: 'stalenes' is not a config field or knob"),
+    ("lr=-1", "variants: changes[1]={'lr': -1}: lr=-1 is invalid"),
 ])
 def test_branch_here_refuses_bad_text_in_one_line_and_writes_nothing(tokenizer, tiny_model_config, tmp_path,
                                                                       text, message):

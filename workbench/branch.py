@@ -46,7 +46,7 @@ import numpy as np
 import polars as pl
 
 from workbench.config import LIVE_FIELDS, Knobs, RunConfig
-from workbench.errors import WorkbenchError, bad_value, short_repr
+from workbench.errors import WorkbenchError, bad_value, one_line, short_repr
 from workbench.loop import Run
 from workbench.runs import checkpoint as ckpt
 from workbench.runs.metrics import read_metrics
@@ -285,7 +285,14 @@ def _check_variants(changes: Any, config: RunConfig, checkpoint: Path) -> list[d
         variants.insert(0, {})
     elif controls[0] != 0:
         variants.insert(0, variants.pop(controls[0]))
-    live = ", ".join(LIVE_FIELDS)
+    check_knob_changes(changes, config, knobs_at)
+    return variants
+
+
+def check_knob_changes(changes: list[dict[str, Any]], config: RunConfig, knobs_at: dict[str, Any]) -> None:
+    """Refuse a change that names a field that is not a live knob, or a value the knobs refuse when
+    set over ``knobs_at`` (the knob values the branch starts from); one line naming ``changes[i]``."""
+    fields, live = set(RunConfig.__dataclass_fields__), ", ".join(LIVE_FIELDS)
     for i, c in enumerate(changes):
         for key in c:
             if key not in LIVE_FIELDS:
@@ -299,8 +306,19 @@ def _check_variants(changes: Any, config: RunConfig, checkpoint: Path) -> list[d
         try:
             knobs.set(**c)
         except WorkbenchError as e:
-            raise WorkbenchError(f"changes[{i}]={short_repr(c)}: {e}") from None
-    return variants
+            raise WorkbenchError(f"changes[{i}]={short_repr(c)}: {one_line(e)}") from None
+
+
+def nest_changes(pairs: dict[str, Any]) -> dict[str, Any]:
+    """``{"lr": 4e-4, "objective_params.tau": 0.1}`` -> ``{"lr": 4e-4, "objective_params": {"tau": 0.1}}``:
+    the ``KEY=VALUE`` pairs of one variant (the CLI's ``--set``, the panel's text) as knob changes."""
+    changes: dict[str, Any] = {}
+    for key, value in pairs.items():
+        if key.startswith("objective_params."):
+            changes.setdefault("objective_params", {})[key.split(".", 1)[1]] = value
+        else:
+            changes[key] = value
+    return changes
 
 
 # ----------------------------------------------------------------------------- running

@@ -59,6 +59,9 @@ def cli_main(args) -> int:
     from workbench.studies import mission  # altair and vl-convert (the figure) load only for this command
 
     t0 = time.perf_counter()
+    if getattr(args, "preset", None) is not None:
+        raise WorkbenchError("--preset is invalid for compare: each arm sets its own objective (choose the rules "
+                             "with --rules; a preset is for run, sweep and lint)")
     for flag in ("objective", "objective_params"):
         if getattr(args, flag, None) is not None:
             raise WorkbenchError(f"--{flag.replace('_', '-')} is invalid for compare: each arm sets its own "

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workbench.branch import nest_changes
 from workbench.cli.config_flags import check_out_dir, parse_pairs
 from workbench.errors import WorkbenchError
 
@@ -60,12 +61,7 @@ def variants_from_sets(sets: list[list[str]]) -> list[dict[str, Any]]:
     """``[["staleness=4"], ["lr=1e-4", "objective_params.tau=0.1"]]`` -> the control plus one dict per group."""
     out: list[dict[str, Any]] = [{}]
     for group in sets:
-        changes: dict[str, Any] = {}
-        for key, value in parse_pairs("set", group).items():
-            if key.startswith("objective_params."):
-                changes.setdefault("objective_params", {})[key.split(".", 1)[1]] = value
-            else:
-                changes[key] = value
+        changes = nest_changes(parse_pairs("set", group))
         if not changes:
             raise WorkbenchError("--set is invalid without KEY=VALUE pairs: expected e.g. --set staleness=8")
         out.append(changes)

@@ -33,7 +33,7 @@ from typing import Any
 
 import altair as alt
 
-from workbench.branch import MANIFEST, BranchSet, branch_here
+from workbench.branch import MANIFEST, BranchSet, branch_here, check_knob_changes, nest_changes
 from workbench.branch_report import interval_note, markdown_table, paired_chart_spec, paired_differences, sentences
 from workbench.charts import save_png
 from workbench.config import LIVE_FIELDS, Knobs, RunConfig
@@ -56,16 +56,13 @@ def parse_variants(text: str) -> list[dict[str, Any]]:
     for group in (g.strip() for g in text.split(";")):
         if not group:
             continue  # a trailing ';' names no variant
-        changes: dict[str, Any] = {}
+        pairs: dict[str, Any] = {}
         for pair in group.split():
             key, sep, value = pair.partition("=")
             if not sep or not key or not value:
                 raise WorkbenchError(f"variants={short_repr(text)} is invalid at {pair!r}: expected {SYNTAX}")
-            if key.startswith("objective_params."):
-                changes.setdefault("objective_params", {})[key.split(".", 1)[1]] = _value(value)
-            else:
-                changes[key] = _value(value)
-        out.append(changes)
+            pairs[key] = _value(value)
+        out.append(nest_changes(pairs))
     if len(out) == 1:
         raise WorkbenchError(f"variants={short_repr(text)} is invalid: expected {SYNTAX}")
     return out
@@ -81,21 +78,10 @@ def _value(text: str) -> Any:
 def check_variants(run, variants: list[dict[str, Any]]) -> None:
     """Refuse a variant that names a knob that is not live or a value the knobs refuse, against the
     knob values the next update would start from (those the checkpoint holds), before anything is written."""
-    fields = set(RunConfig.__dataclass_fields__)
-    applied = run.knobs.applied.as_dict()
-    for changes in variants:
-        for key in changes:
-            if key not in LIVE_FIELDS:
-                what = "a config field fixed when a run starts" if key in fields else "not a config field or knob"
-                raise WorkbenchError(f"variants: {key!r} is {what}: a branch can change only the live knobs "
-                                     f"{', '.join(LIVE_FIELDS)}")
-        trial = Knobs(run.config)
-        trial.set(**applied)
-        trial.take_pending()
-        try:
-            trial.set(**changes)
-        except WorkbenchError as e:
-            raise WorkbenchError(f"variants: {short_repr(changes)}: {one_line(e)}") from None
+    try:
+        check_knob_changes(variants, run.config, run.knobs.applied.as_dict())
+    except WorkbenchError as e:
+        raise WorkbenchError(f"variants: {one_line(e)}") from None
 
 
 def check_count(name: str, value: Any) -> int:
