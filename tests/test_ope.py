@@ -12,10 +12,13 @@ import torch
 
 import argparse
 
+from workbench.charts import mimebundle, network_refs
+from workbench.cli import main
 from workbench.cli import ope as ope_cli
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
+from workbench.ope.chart import ope_chart_spec
 from workbench.ope import (ESTIMATORS, OPEInputs, OPEMonitor, estimate, evaluate_batch, evaluate_inputs, fresh_sample,
                            selection_metrics, truth_of)
 from workbench.policy.model import build_model, save_policy
@@ -236,4 +239,30 @@ def test_ope_every_in_the_config_attaches_the_monitor_and_is_validated(tokenizer
     assert not make_run(tokenizer, tiny_model_config).hooks  # 0 (the default): off
     with pytest.raises(WorkbenchError, match=r"^ope_every=-1 is invalid") as e:
         RunConfig(ope_every=-1)
+    assert "\n" not in str(e.value)
+
+
+def test_the_cli_run_draws_the_ope_panel_offline_with_refusals_as_hollow_marks(tokenizer, tiny_model, tmp_path):
+    model_dir = save_policy(tiny_model, tokenizer, tmp_path / "ckpt")
+    code = main(["run", "--model", str(model_dir), "--task", "reverse", "--task-params", "max_len=3", "heldout_size=8",
+                 "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "2", "--eval-size", "8",
+                 "--steps", "4", "--staleness", "2", "--ope-every", "2", "--out-dir", str(tmp_path / "runs"),
+                 "--run-name", "r"])
+    assert code == 0
+    d = tmp_path / "runs" / "r"
+    assert (d / "ope.png").read_bytes()[:4] == b"\x89PNG"
+    table = pl.read_parquet(d / "ope.parquet")
+    spec = ope_chart_spec(table.with_columns(pl.when(pl.col("estimator") == "is").then(True)
+                                             .otherwise(pl.col("refused")).alias("refused")))
+    top = spec["vconcat"][0]
+    rows = top["data"]["values"]
+    refused = [r for r in rows if r["estimator"] == "is"]
+    assert refused and all(r["estimate"] is None and r["lo"] is None for r in refused)  # never drawn as a number
+    truths = dict(zip(table["update"].to_list(), table["truth"].to_list()))
+    assert all(r["at_truth"] == pytest.approx(truths[r["update"]]) for r in refused)  # a hollow mark at the truth
+    kept = [r for r in rows if r["estimator"] == "dr"]
+    assert [r["estimate"] for r in kept] == pytest.approx(table.filter(pl.col("estimator") == "dr")["estimate"].to_list())
+    assert network_refs(mimebundle(spec)) == []
+    with pytest.raises(WorkbenchError, match="no OPE rows") as e:
+        ope_chart_spec(pl.DataFrame({"update": [1]}))
     assert "\n" not in str(e.value)

@@ -182,9 +182,15 @@ def _docs(args) -> int:
 def _finish(run) -> None:
     summary = run.write_summary()
     if run.dir is not None and len(run.rows):
+        import polars as pl
+
         from workbench.charts import run_chart, save_png  # altair and vl-convert: only once a run has rows
+        from workbench.ope.chart import ope_chart_spec
+        from workbench.ope.monitor import FILE as OPE_FILE
 
         save_png(run_chart(run.metrics, run.dir.path.name, run.knob_events), run.dir.path / "charts.png")
+        if (run.dir.path / OPE_FILE).is_file():  # --ope-every: the estimates against the truth
+            save_png(ope_chart_spec(pl.read_parquet(run.dir.path / OPE_FILE)), run.dir.path / "ope.png")
     print(json.dumps(summary, indent=2))
 
 
