@@ -218,3 +218,13 @@ def on_policy_grads(name, params=None, adv_shape="B"):
         loss.backward()
         grads.append(lp.grad)
     return grads
+
+
+def token_grad(name, lp, beh, adv, **params):
+    """The gradient of objective ``name`` w.r.t. the log-probs of one sequence (float64, every token
+    valid, token-level advantages ``adv``), and its metrics."""
+    leaf = torch.tensor([lp], dtype=F64, requires_grad=True)
+    loss, m = policy_loss(name, leaf, torch.tensor([beh], dtype=F64), torch.tensor([adv], dtype=F64),
+                          torch.ones(1, len(lp), dtype=F64), **params)
+    loss.backward()
+    return leaf.grad[0].tolist(), m

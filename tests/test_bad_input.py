@@ -26,7 +26,8 @@ import torch
 
 from workbench.cli import config_flags, main
 from workbench.cli import run as cli_run
-from workbench.config import Knobs, RunConfig
+from workbench.config import RunConfig
+from workbench.knobs import Knobs
 from workbench.errors import WorkbenchError
 from workbench.loop import Run
 from workbench.policy.model import load_policy

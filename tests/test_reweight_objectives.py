@@ -26,6 +26,7 @@ import test_reweight_peer_rules as peer_rules
 import test_reweight_ppo_family as ppo_family
 import test_reweight_preference as preference
 import test_reweight_rec as rec
+import test_reweight_seed_rules as seed_rules
 import test_reweight_smooth as smooth
 import test_reweight_sequence_level as sequence_level
 import test_reweight_trajectory as trajectory
@@ -34,7 +35,7 @@ from reweight_helpers import (
 )
 
 FAMILIES = (ppo_family, is_weighted, sequence_level, m2po, adaptive, smooth, rec, covariance, trajectory, chord,
-            preference, peer_rules)
+            preference, peer_rules, seed_rules)
 SEED_FAMILIES = (adaptive, smooth, rec, covariance, trajectory, chord)  # the families beyond the classic objectives
 
 

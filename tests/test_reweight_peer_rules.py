@@ -19,7 +19,7 @@ from workbench.steps.reweight.curves import weight_curve
 
 from reweight_helpers import (
     ADV, B, BEH, F64, LP, LR, R, ROWS, T, VALID, clip, error_message, ppo_dloss, ppo_loss, row_log_ratio,
-    token_case,
+    token_case, token_grad,
 )
 
 
@@ -273,42 +273,34 @@ def test_the_hard_batches_exercise_every_branch():
 # ---------------------------------------------------------------------------------------------
 # behaviour the formulas promise
 # ---------------------------------------------------------------------------------------------
-def _grad(name, lp, beh, adv, **params):
-    leaf = torch.tensor([lp], dtype=F64, requires_grad=True)
-    loss, m = policy_loss(name, leaf, torch.tensor([beh], dtype=F64), torch.tensor([adv], dtype=F64),
-                          torch.ones(1, len(lp), dtype=F64), **params)
-    loss.backward()
-    return leaf.grad[0].tolist(), m
-
-
 def test_dppo_tv_masks_by_probability_moved_not_by_ratio():
     # token 0: mu = 1e-4, r = 100 (PPO would clip) but pi - mu = 0.0099: kept. token 1: mu = 0.5, r = 1.5, moved 0.25:
     # masked. token 2 fell by 0.25 at A > 0: not a move A pushes, kept.
     lp, beh = [math.log(1e-2), math.log(0.75), math.log(0.25)], [math.log(1e-4), math.log(0.5), math.log(0.5)]
-    g, m = _grad("dppo_tv", lp, beh, 1.0)
+    g, m = token_grad("dppo_tv", lp, beh, 1.0)
     assert g[0] == pytest.approx(-100.0 / 3, rel=1e-9) and g[1] == 0.0 and g[2] == pytest.approx(-0.5 / 3, rel=1e-9)
     assert m["dppo/masked_frac_high"] == pytest.approx(1 / 3) and m["dppo/masked_frac_low"] == 0.0
-    g, m = _grad("dppo_tv", lp, beh, -1.0)  # the same moves at A < 0: only the fall (token 2) is masked
+    g, m = token_grad("dppo_tv", lp, beh, -1.0)  # the same moves at A < 0: only the fall (token 2) is masked
     assert g[0] == pytest.approx(100.0 / 3, rel=1e-9) and g[1] == pytest.approx(1.5 / 3, rel=1e-9) and g[2] == 0.0
     assert m["dppo/masked_frac_low"] == pytest.approx(1 / 3)
 
 
 def test_opsm_never_drops_positive_rows_and_drops_stale_negative_ones():
     lp, beh = [-3.0, -3.0], [-1.0, -1.0]  # mean log(mu / pi) = 2 > 0.5
-    g_pos, m_pos = _grad("opsm", lp, beh, 1.0, clip_low=1.0)
-    g_neg, m_neg = _grad("opsm", lp, beh, -1.0, clip_low=1.0)  # clip_low 1: PPO alone would keep the tokens
+    g_pos, m_pos = token_grad("opsm", lp, beh, 1.0, clip_low=1.0)
+    g_neg, m_neg = token_grad("opsm", lp, beh, -1.0, clip_low=1.0)  # clip_low 1: PPO alone would keep the tokens
     assert g_pos == pytest.approx([-math.exp(-2) / 2] * 2, rel=1e-9) and m_pos["offpolicy/masked_frac"] == 0.0
     assert g_neg == [0.0, 0.0] and m_neg["opsm/masked_seq_frac"] == 1.0
-    g, _ = _grad("opsm", lp, beh, -1.0, clip_low=1.0, delta=2.5)
+    g, _ = token_grad("opsm", lp, beh, -1.0, clip_low=1.0, delta=2.5)
     assert g == pytest.approx([math.exp(-2) / 2] * 2, rel=1e-9)
 
 
 def test_opsm_row_kl_uses_the_log_probs_not_the_clamped_ratio():
     # log r = -25, 5, 5, 5: mean log(mu / pi) = 2.5 from the log-probs, 1.25 from the +-20-clamped log-ratios
     lp, beh = [-25.5, -2.0, -2.0, -2.0], [-0.5, -7.0, -7.0, -7.0]
-    g, m = _grad("opsm", lp, beh, -1.0, delta=2.0, clip_high=200.0)
+    g, m = token_grad("opsm", lp, beh, -1.0, delta=2.0, clip_high=200.0)
     assert g == [0.0] * 4 and m["opsm/seq_kl_mean"] == pytest.approx(2.5, rel=1e-12)
-    g, _ = _grad("opsm", lp, beh, -1.0, delta=3.0, clip_high=200.0)
+    g, _ = token_grad("opsm", lp, beh, -1.0, delta=3.0, clip_high=200.0)
     assert g[1] == pytest.approx(math.exp(5) / 4, rel=1e-9)
 
 
@@ -317,8 +309,8 @@ def test_dppo_kl_guard_near_probability_one():
     # guard (1.047 with a 1e-6 one), so delta_high = 1.2 masks the token
     lp, beh = [math.log1p(-1e-7)], [math.log(0.9)]
     assert binary_kl(lp[0], beh[0]) == pytest.approx(1.2772, abs=1e-4)
-    assert _grad("dppo_kl", lp, beh, 1.0, delta_high=1.2)[0] == [0.0]
-    assert _grad("dppo_kl", lp, beh, 1.0, delta_high=1.3)[0] == pytest.approx([-1 / 0.9], rel=1e-6)
+    assert token_grad("dppo_kl", lp, beh, 1.0, delta_high=1.2)[0] == [0.0]
+    assert token_grad("dppo_kl", lp, beh, 1.0, delta_high=1.3)[0] == pytest.approx([-1 / 0.9], rel=1e-6)
 
 
 def test_vespo_kernel_is_one_on_policy_and_peaks_at_k_over_lambda():

@@ -54,6 +54,9 @@ EXPECTED = {
     "lite_ppo": [x / math.sqrt(2.8) for x in (1.0, 2.0, -1.0, -2.0, 0.0)],
     "reinforce_pp": [x / math.sqrt(2.5) for x in (1.0, 2.0, -1.0, -2.0, 0.0)],
     "none": [2.0, 4.0, 0.0, 0.0, 1.0],
+    # no confidences given: every (better, worse) pair ties at sigmoid(0) = 1/2, so 2 * 1/2 per side; row 4
+    # (reward 1) beats row 2 and loses to row 0 (tests/test_advantages_seed.py has the confidence cases)
+    "capo": [1.0, 1.0, -1.0, -1.0, 0.0],
 }
 
 

@@ -24,7 +24,7 @@ Glasserman and Yao 1992, "Some guidelines and guarantees for common random numbe
 Science 38:884-908).
 
 Validation is complete before anything is written: the checkpoint at K exists (else the list of
-those that do), K is within the run, every variant names only live knobs (``config.LIVE_FIELDS``; a
+those that do), K is within the run, every variant names only live knobs (``knobs.LIVE_FIELDS``; a
 config field fixed at the start is refused naming them) with valid values, no branch folder exists.
 
 Left out: running branches in parallel processes (they run one after another in this process);
@@ -45,7 +45,8 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
-from workbench.config import LIVE_FIELDS, Knobs, RunConfig
+from workbench.config import RunConfig
+from workbench.knobs import LIVE_FIELDS, Knobs
 from workbench.errors import WorkbenchError, bad_value, one_line, short_repr
 from workbench.loop import Run
 from workbench.runs import checkpoint as ckpt

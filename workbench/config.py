@@ -1,10 +1,8 @@
-"""Run configuration: a frozen, validated ``RunConfig`` and the live ``Knobs``.
+"""Run configuration: a frozen, validated ``RunConfig``.
 
 ``RunConfig`` holds everything needed to rerun an experiment (it is written to
-``runs/<id>/config.json``). ``Knobs`` holds the few settings that may change between updates while
-a run is live (staleness, sync period, objective and its parameters, learning rate, temperature);
-every change is validated the same way as the config and recorded with the update index it takes
-effect at, so a headless run can replay an interactive session.
+``runs/<id>/config.json``). The few settings that may change between updates while a run is live
+are its ``Knobs`` (``workbench/knobs.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.errors import WorkbenchError, bad_value
+from workbench.policy.lora import validate_lora
 from workbench.policy.model import DEVICES, DTYPES
+from workbench.policy.fast_path import AUTOCAST_MODES
+from workbench.runs.tracking import validate_tracking
 from workbench.steps.generate.engines import validate_sampler
+from workbench.steps.replay import check_source
 from workbench.steps.reweight.aggregate import AGGREGATIONS
 from workbench.steps.reweight.core import OBJECTIVES, validate_params
 from workbench.steps.reweight.corrections import PROXIMAL_MODES, make_correction
@@ -60,6 +62,8 @@ class RunConfig:
     """Overrides of the built-in ``ModelConfig`` (hidden_size, num_layers, ...)."""
     sft_params: dict[str, Any] = field(default_factory=dict)
     """Overrides of the warm start's ``SFTConfig`` (target_band, steps, lr, ...)."""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """LoRA adapters, only they train ({} = off; needs the peft extra): r (rank, default 8), alpha (scale alpha / r, default 16), dropout (default 0), target (comma-separated module-name suffixes, default q_proj,v_proj, or all-linear); the reference policy is the model with them off (workbench.policy.lora)."""
     seed: int = 0
     """Seed for model init, prompt sampling and token sampling. Same seed, same metrics."""
     threads: int = 0
@@ -70,6 +74,10 @@ class RunConfig:
     """Trainer device: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N."""
     chat_template: str = ""
     """Prompts as one chat user turn: '' = raw prompt, 'tokenizer' = the checkpoint's template, or a Jinja template / file (workbench.policy.chat)."""
+    compile: bool = False
+    """torch.compile the policy's training forward/backward (inductor, dynamic shapes; no-grad forwards stay eager); one-off compile time reported as perf/compile_seconds on the first update."""
+    autocast: str = ""
+    """Trainer forwards under autocast: '' (exact, the model's dtype) | bf16 | fp16; the loss stays fp32 and the sampler keeps the model's dtype, so bf16/fp16 is an engine-mismatch source (mismatch/engine_*; workbench.policy.fast_path)."""
 
     # --- generate ---
     prompts_per_step: int = 32
@@ -114,6 +122,10 @@ class RunConfig:
     """Epochs over each generated batch (PPO reuse); later passes are more off-policy."""
     num_minibatches: int = 1
     """Minibatches per epoch; each minibatch is one optimizer update."""
+    batch_source: str = "fifo"
+    """What each update trains on, from the batch the queue delivers (workbench.steps.replay): fifo (that batch) | prioritized (TBA replay) | remix (ReMix off-policy mix) | d3s (D3S down-sampling)."""
+    batch_source_params: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the batch source, e.g. ``{"capacity": 256, "fresh_fraction": 0.5}``; defaults from its registry entry; fixed for a run (not a live knob)."""
 
     # --- reweight ---
     objective: str = "ppo_clip"
@@ -173,6 +185,8 @@ class RunConfig:
     """Write a resumable checkpoint every N updates; 0 = only at the end of ``run()``."""
     ope_every: int = 0
     """Off-policy evaluation every N updates (``workbench.ope.OPEMonitor``: its estimators on the update's stale batch beside a fresh-sample truth, in ``ope.parquet``); 0 = off."""
+    tracking: str = ""
+    """Comma-separated sinks written beside metrics.parquet (which stays the source of truth): tensorboard (``<run dir>/tensorboard/``), trackio (its local store; workbench.runs.tracking); empty = none; needs the tracking extra."""
     keep_checkpoints: int = 3
     """Newest N checkpoints kept (older ones deleted after each write); 0 = keep all; the final one of run() is always kept."""
     out_dir: str = "runs"
@@ -194,11 +208,15 @@ class RunConfig:
             _check(len(entry) == 2 or isinstance(entry[2], dict), "rewards", entry, "a dict of reward params")
         object.__setattr__(self, "objective_params", validate_params(self.objective, self.objective_params))
         validate_sampler(self.sampler, self.sampler_params)
+        object.__setattr__(self, "batch_source_params", check_source(self.batch_source, self.batch_source_params))
+        validate_tracking(self.tracking)  # names and installed packages, before a Run touches its folder
+        object.__setattr__(self, "lora", validate_lora(self.lora))  # keys, values and peft installed
         _check(self.dtype in DTYPES, "dtype", self.dtype, " | ".join(DTYPES))
         _check(isinstance(self.device, str) and (self.device in DEVICES or self.device.startswith("cuda:")),
                "device", self.device, " | ".join(DEVICES) + " | cuda:N")
         _check(isinstance(self.chat_template, str), "chat_template", self.chat_template,
                "'' | 'tokenizer' | a Jinja template | a template file")
+        _check(self.autocast in AUTOCAST_MODES, "autocast", self.autocast, "'' (exact) | bf16 | fp16")
         _check(isinstance(self.measure_mismatch, bool), "measure_mismatch", self.measure_mismatch, "true or false")
         _check(self.aggregation in ("",) + AGGREGATIONS, "aggregation", self.aggregation, " | ".join(AGGREGATIONS))
         _check(isinstance(self.loss_scale_factor, (int, float)) and not isinstance(self.loss_scale_factor, bool)
@@ -273,116 +291,3 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **changes})
-
-
-LIVE_FIELDS = ("staleness", "sync_every", "max_staleness", "objective", "objective_params", "lr", "temperature")
-
-
-@dataclass(frozen=True)
-class KnobValues:
-    """The live knobs' values at one moment (``Knobs.applied``: those the current update uses)."""
-
-    staleness: int
-    sync_every: int
-    max_staleness: int
-    objective: str
-    objective_params: dict[str, Any]
-    lr: float
-    temperature: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-class Knobs:
-    """What may change while a run is live. A change applies at the next update and is recorded.
-
-    ``knobs.set(staleness=64)`` or ``knobs.staleness = 64``; objective parameters merge:
-    ``knobs.set(objective_params={"tau": 0.08})`` keeps the other parameters. Switching objective
-    resets its parameters to that objective's defaults unless given in the same call.
-
-    Reading a knob (``knobs.staleness``, ``as_dict()``) gives what was last set: the value the next
-    update will use. ``knobs.applied`` is the ``KnobValues`` the current (or latest) update uses;
-    the loop reads only that, once per update, so a change made from another thread (a notebook
-    widget) mid-update never leaks into it. ``take_pending`` (start of the next update) makes the
-    set values the applied ones and returns what changed.
-    """
-
-    def __init__(self, config: RunConfig):
-        values = {k: getattr(config, k) for k in LIVE_FIELDS}
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "_applied", KnobValues(**values))
-        object.__setattr__(self, "_requested", values)  # what applies at the next update
-        object.__setattr__(self, "pending", [])  # changes not yet applied to an update
-        object.__setattr__(self, "_lock", threading.RLock())  # widgets set() while the loop take_pending()s
-
-    def __getattr__(self, name: str) -> Any:
-        requested = object.__getattribute__(self, "_requested")
-        if name in requested:
-            value = requested[name]
-            return dict(value) if isinstance(value, dict) else value
-        raise AttributeError(name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self.set(**{name: value})
-
-    @property
-    def applied(self) -> KnobValues:
-        """The values in effect for the current (or latest) update."""
-        return self._applied
-
-    def as_dict(self) -> dict[str, Any]:
-        """The values set so far (those the next update will use)."""
-        with self._lock:
-            return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._requested.items()}
-
-    @property
-    def requested(self) -> dict[str, Any]:
-        """Same as ``as_dict()``: the values that apply at the next update."""
-        return self.as_dict()
-
-    def set(self, **changes: Any) -> dict[str, Any]:
-        """Validate and apply ``changes``; returns what actually changed. Raises on bad input."""
-        with self._lock:
-            return self._set(changes)
-
-    def _set(self, changes: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(changes) - set(LIVE_FIELDS))
-        if unknown:
-            raise WorkbenchError(f"{unknown[0]!r} is not a live knob: live knobs are {', '.join(LIVE_FIELDS)}")
-        if "objective_params" in changes and not isinstance(changes["objective_params"], (dict, type(None))):
-            raise bad_value("objective_params", changes["objective_params"], "a dict of objective parameters")
-        new = dict(self._requested)
-        switched = "objective" in changes and changes["objective"] != new["objective"]
-        if switched:
-            OBJECTIVES.entry(changes["objective"])
-            new["objective"] = changes["objective"]
-            new["objective_params"] = {}
-        if "objective_params" in changes:
-            params = changes["objective_params"] or {}
-            live = {p.name: p.live for p in OBJECTIVES.meta(new["objective"]).get("params", [])}
-            for p in params:  # a switch sets every parameter of the new objective (a recorded switch replays)
-                if not switched and p in live and not live[p] and params[p] != new["objective_params"].get(p):
-                    raise WorkbenchError(f"objective parameter {p!r} of {new['objective']} cannot change live")
-            new["objective_params"] = {**new["objective_params"], **params}
-        new["objective_params"] = validate_params(new["objective"], new["objective_params"])
-        for k in ("staleness", "sync_every", "max_staleness", "lr", "temperature"):
-            if k in changes:
-                new[k] = changes[k]
-        # Same validation as the config: build a config with the new values.
-        dataclasses.replace(self._config, **new)
-        diff = {k: new[k] for k in LIVE_FIELDS if new[k] != self._requested[k]}
-        if diff:
-            object.__setattr__(self, "_requested", new)
-            self.pending.append(diff)
-        return diff
-
-    def take_pending(self) -> dict[str, Any]:
-        """Merge and clear the changes made since the last update (the loop calls this)."""
-        merged: dict[str, Any] = {}
-        with self._lock:
-            for d in self.pending:
-                merged.update(d)
-            self.pending.clear()
-            object.__setattr__(self, "_applied", KnobValues(**self._requested))  # now in effect
-        return merged

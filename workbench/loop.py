@@ -21,23 +21,26 @@ from typing import Any, Callable
 import polars as pl
 import torch
 
-from workbench.config import Knobs, RunConfig
+from workbench.config import RunConfig
+from workbench.knobs import Knobs
 from workbench.errors import WorkbenchError
 from workbench.lint import nonfinite_message
 from workbench.ope import OPEMonitor
-from workbench.policy.build import build_policy, build_task, frozen_copy
+from workbench.policy.build import build_policy, build_task, reference_policy
+from workbench.policy.fast_path import check_fast_path
 from workbench.policy.chat import render_examples, resolve_template
 from workbench.rollouts import Rollouts
 from workbench.runs import checkpoint as ckpt
 from workbench.runs.health import HealthMonitor
+from workbench.runs.progress import progress_postfix, update_bar
 from workbench.runs.rundir import RunDir, keep_previous
+from workbench.runs.tracking import TrackingSink
 from workbench.stats import wilson_interval
 from workbench.steps.buffer import StalenessBuffer, SyncStopped
 from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
-from workbench.steps.reweight import mismatch
 from workbench.steps.reweight.core import Objective, resolve_objective
 from workbench.steps.score import score
-from workbench.steps.update import build_optimizer, expert_batch, lr_multiplier, proximal_logprobs, update_step
+from workbench.steps.update import build_optimizer, expert_batch, generating_logprobs, lr_multiplier, proximal_logprobs, update_step
 
 Hook = Callable[["Run", dict[str, Any]], None]
 MAX_NONFINITE_STREAK = 5  # consecutive skipped (non-finite) updates before the run stops with an error
@@ -65,6 +68,7 @@ class Run:
                  knob_schedule: list[dict[str, Any]] | None = None, log: Callable[[str], None] = print,
                  _resuming: bool = False):
         self.config = config
+        check_fast_path(config.compile, config.autocast, config.device)  # before anything is built or written
         if config.threads:
             torch.set_num_threads(config.threads)
         self.log = log
@@ -72,20 +76,19 @@ class Run:
         if not self.task.heldout:  # evaluated at the start, every eval_every updates and at the end
             raise WorkbenchError(f"task={config.task!r} has an empty held-out set: the run evaluates on it; "
                                  f"give it at least one example (task_params)")
-        if model is None:
-            model, tokenizer = build_policy(config, self.task, log)
+        model, tokenizer = build_policy(config, self.task, log, model=model, tokenizer=tokenizer)  # + LoRA adapters
         self.model, self.tokenizer = model, tokenizer
         self.objective: Objective = resolve_objective(config.objective, config.objective_params)
         # a frozen reference when a KL penalty or the objective (e.g. tb) needs one
         needs_ref = "ref_logprobs" in self.objective.needs
-        self.ref_model = frozen_copy(model) if (config.kl_coef or needs_ref) else None
+        self.ref_model = reference_policy(model) if (config.kl_coef or needs_ref) else None  # LoRA: adapters off
         self.chat_template = resolve_template(tokenizer, config.chat_template)  # None = raw prompts
         # config.sampler (transformers | vllm); a failed engine start raises before the run dir is touched
         self.sampler = sampler or make_sampler(config.sampler, config.sampler_params, model, tokenizer,
                                                  seed=config.seed, log=log)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
         self.knobs = Knobs(config)
-        self.buffer = StalenessBuffer(log=log)
+        self.buffer = StalenessBuffer.from_config(config, log=log)  # the batch source: fifo or a replay strategy
         self.prompt_rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.version = 0
@@ -107,6 +110,8 @@ class Run:
             keep_previous(path, log)  # a rerun with the same name never overwrites an earlier run
         # one writer per folder: a live run of another process is a one-line error (runs/lock.py)
         self.dir = RunDir.open(path, log, config=None if _resuming else config.to_dict()) if path is not None else None
+        if config.tracking and self.dir is not None:  # mirrors of metrics.parquet (runs/tracking.py)
+            self.hooks.append(TrackingSink(config.tracking, self.dir.path, log=log))
         self._timing: dict[str, float] = {}
         self.initial_accuracy: float | None = None
         # warnings from the rows (collapse, truncation, ...): logged, journalled, the panel's banner
@@ -133,7 +138,7 @@ class Run:
                 max_staleness=knobs.max_staleness, produce=self._generate_and_score,
                 should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
             if cfg.proximal == "recompute":  # AReaL: pi_prox = the policy when the batch's first update starts
-                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature))
+                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast))
             self.minibatches = self._split(batch)
         minibatch = self.minibatches.pop(0)
         self.last_batch = minibatch  # the batch of the latest update (the notebooks' per-token view)
@@ -149,7 +154,7 @@ class Run:
             kl_estimator=cfg.kl_estimator, kl_is_corrected=cfg.kl_is_corrected, entropy_coef=cfg.entropy_coef,
             ref_model=self.ref_model,
             correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
-            loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size,
+            loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size, autocast=cfg.autocast, compile=cfg.compile,
             context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens)
         self.last_update_tokens = tokens
         self.version += 1
@@ -217,10 +222,11 @@ class Run:
         rollouts, stats = self.sample()
         # log pi_gen, stored while the trainer holds the generating weights; a batch consumed at once
         # needs no forward (the update's own log-probs are pi_gen then: steps/reweight/mismatch.py)
-        later = cfg.updates_per_batch * cfg.num_minibatches > 1 or kn.staleness > 0 or kn.sync_every > 1
+        later = (cfg.updates_per_batch * cfg.num_minibatches > 1 or kn.staleness > 0 or kn.sync_every > 1
+                 or self.buffer.source.capacity_sequences(1) > 0)  # a replay store keeps batches for later
         if cfg.measure_mismatch and later and len(rollouts):
             t2 = time.perf_counter()
-            rollouts = mismatch.attach_trainer_logprobs(self.model, rollouts, kn.temperature)
+            rollouts = generating_logprobs(self.model, rollouts, kn.temperature, cfg.autocast)  # trainer precision
             self._timing["perf/time_trainer_logprobs"] += time.perf_counter() - t2
         return rollouts, stats
 
@@ -256,7 +262,7 @@ class Run:
         if self._stop_honoured:  # an earlier run() already stopped for that request
             self._stop.clear()
             self._stop_honoured = False
-        bar = _progress(n) if progress else None
+        bar = update_bar(n) if progress else None
         done = 0
         for _ in range(n):
             if self._stop.is_set():
@@ -282,6 +288,7 @@ class Run:
             else:
                 self.dir.mark_final(self.version, keep=cfg.keep_checkpoints)
             self.write_summary()
+            self._close_sinks()  # a later run() reopens them
         return self.metrics
 
     def request_stop(self) -> None:
@@ -364,8 +371,14 @@ class Run:
     def close(self) -> None:
         """Release the run directory's lock (also at exit and garbage collection): this object writes
         nothing afterwards; another process, or a new ``Run``/``Run.resume`` here, may take the folder."""
+        self._close_sinks()
         if self.dir is not None:
             self.dir.close()
+
+    def _close_sinks(self) -> None:
+        for hook in self.hooks:
+            if isinstance(hook, TrackingSink):
+                hook.close()
 
     @classmethod
     def resume(cls, run_dir: str | Path, checkpoint: str | Path | None = None, **kw: Any) -> "Run":
@@ -381,17 +394,3 @@ class Run:
 
 def _run_name(config: RunConfig) -> str:
     return f"{config.task}-{config.objective}-s{config.staleness}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _progress(n: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=n, unit="upd")
-
-
-def progress_postfix(row: dict[str, Any]) -> str:
-    parts = [f"acc={row.get('reward/accuracy', float('nan')):.2f}"]
-    if "eval/accuracy" in row:
-        parts.append(f"eval={row['eval/accuracy']:.2f}")
-    parts.append(f"clip={row.get('offpolicy/clipfrac', 0):.3f} mask={row.get('offpolicy/masked_frac', 0):.3f}")
-    parts.append(f"stale={row.get('offpolicy/staleness_mean', 0):.0f}")
-    return " ".join(parts)

@@ -28,6 +28,7 @@ from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.corrections import PRESETS, PROXIMAL_MODES, Correction
 from workbench.steps.reweight.presets import PEER_PRESETS, preset_fields
 from workbench.steps.reweight.reference import param_line
+from workbench.steps.batch_sources import BATCH_SOURCES
 from workbench.steps.score import ADVANTAGES, REWARDS
 from workbench.sweeps.grid import parse_value
 from workbench.tasks import TASKS
@@ -136,6 +137,11 @@ def registries_epilog() -> str:
     lines.append(f"proximal policies (--proximal): {' | '.join(PROXIMAL_MODES)}")
     for title, reg in (("advantage estimators", ADVANTAGES), ("tasks", TASKS), ("rewards", REWARDS)):
         lines.append(f"{title}: {', '.join(reg.names())}")
+    lines.append("batch sources (--batch-source NAME --batch-source-params KEY=VALUE ...):")
+    for name in BATCH_SOURCES.names():
+        meta = BATCH_SOURCES.meta(name)
+        lines.append(f"  {name:14s} {meta.get('summary', '')}")
+        lines += [f"      {param_line(p)}" for p in meta.get("params", [])]
     return "\n".join(lines)
 
 

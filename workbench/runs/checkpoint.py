@@ -7,9 +7,10 @@ N.. as the uninterrupted run (tested). Files are safetensors and JSON only (see 
 Resuming verifies a checkpoint before anything of the run changes: every file present, safetensors
 headers that cover their files, ``state.json`` fields (and knob events) of the right types, the
 model's tensor names, shapes and dtypes equal to the freshly built run's, an optimizer state with
-every AdamW tensor of the right size and hyperparameters of the right kinds, buffered batches with
-the tensors and lengths of the ``Rollouts`` contract, RNG and knob states that parse, and as many
-metrics rows on disk as the checkpoint expects. A kill during a write never leaves a damaged
+every AdamW tensor of the right size and hyperparameters of the right kinds, buffered batches (and a
+batch source's stored groups, of the config's source and params) with the tensors and lengths of the
+``Rollouts`` contract, RNG and knob states that parse, and as many metrics rows on disk as the
+checkpoint expects. A kill during a write never leaves a damaged
 ``update_*`` (they are renamed into place), but a disk fault, a copy cut short or a checkpoint of
 another model can: then the newest intact one is used, with a one-line notice naming what was
 wrong, so one bad file costs the updates since the checkpoint before it instead of the run.
@@ -32,7 +33,8 @@ import polars as pl
 import torch
 from safetensors.torch import load_file
 
-from workbench.config import Knobs, RunConfig
+from workbench.config import RunConfig
+from workbench.knobs import Knobs
 from workbench.errors import WorkbenchError, bad_value, one_line
 from workbench.rollouts import Rollouts
 from workbench.runs.lock import check_free
@@ -192,7 +194,12 @@ def _verified(run: Any, path: Path, rows: pl.DataFrame) -> dict[str, Any] | str:
         buffer.load_state(files["buffer.safetensors"], buf)
         out["minibatches"] = [Rollouts.from_state(files["buffer.safetensors"], m, prefix=f"minibatch{i}.")
                               for i, m in enumerate(buf["minibatches"])]
+        source, cfg = buffer.source, run.config
+        if source.name != cfg.batch_source or source.params != cfg.batch_source_params:
+            return (f"buffer.json: batch source {source.name} {source.params} is not the config's "
+                    f"{cfg.batch_source} {cfg.batch_source_params}")
         batches = [(f"queued batch {i}", b) for i, (b, _) in enumerate(buffer.queue)]
+        batches += [(f"stored group {i} of the {source.name} source", b) for i, b in enumerate(source.groups)]
         batches += [(f"minibatch {i}", b) for i, b in enumerate(out["minibatches"])]
         for what, batch in batches:
             problem = _batch_problem(batch)

@@ -41,7 +41,15 @@ batches of token ids and log-probs.
   carried to the next one (checkpointed), so a stopped prefill resumes where it was, exactly (the
   batches come from the same weights and RNG streams), instead of holding a stop for hours.
 
-Leaves out: partial/interruptible rollouts and per-token versions (AReaL), prioritised replay.
+- **batch sources** (``batch_source``, ``workbench/steps/replay.py``): the popped batch is the
+  *incoming* batch of a source, which returns what the update trains on (``fifo``: the batch itself;
+  replay sources mix in stored groups, ``d3s`` down-samples). Its store is bounded by its capacity,
+  counted in the memory budget (``capacity_sequences`` as batches of the newest batch's size), and
+  checkpointed with the queue. Sources other than fifo add ``buffer/staleness_hist_*`` (sequences of
+  the update's batch per staleness bucket at the pop's version), ``buffer/stored_seqs`` and their own
+  counts (``buffer/replayed_seqs``, ``buffer/downsampled_seqs``).
+
+Leaves out: partial/interruptible rollouts and per-token versions (AReaL).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
+from workbench.steps.replay import BatchSource, make_source, source_from_state, staleness_histogram
 
 Produce = Callable[[], tuple[Rollouts, dict[str, float]]]
 BUDGET_ENV = "WORKBENCH_BUFFER_BUDGET_GB"
@@ -125,12 +134,18 @@ def _aligned(n: int, to: int = PY_ALIGN) -> int:
 class StalenessBuffer:
     """Delay queue of scored batches. ``pop`` is called once per generated batch consumed."""
 
-    def __init__(self, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, log: Callable[[str], None] | None = None, source: BatchSource | None = None) -> None:
+        self.source = source if source is not None else make_source("fifo")
         self.queue: deque[tuple[Rollouts, dict[str, float]]] = deque()
         self.pops_since_sync = 0
         self.synced_once = False
         self.log = log or (lambda s: None)  # progress lines of a long prefill
         self.carried: dict[str, float] = {}  # stats of a pop stopped mid-sync, for the next pop
+
+    @classmethod
+    def from_config(cls, config: Any, log: Callable[[str], None] | None = None) -> "StalenessBuffer":
+        """The buffer of a ``RunConfig``: its ``batch_source`` with ``batch_source_params``, seeded by ``seed``."""
+        return cls(log=log, source=make_source(config.batch_source, config.batch_source_params, config.seed))
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -170,6 +185,10 @@ class StalenessBuffer:
                     batch = batch.select(keep)
             if len(batch):
                 break
+        if self.source.name != "fifo":  # fifo rows keep exactly the columns they always had
+            batch = self.source.compose(batch, version, max_staleness, stats)
+            stats.update(staleness_histogram(batch, version))
+            stats["buffer/stored_seqs"] = float(self.source.stored_sequences())
         stats["buffer/queue_len"] = float(len(self.queue))
         return batch, score_metrics, stats
 
@@ -200,19 +219,29 @@ class StalenessBuffer:
             if should_stop is not None and len(self.queue) < target and should_stop():
                 self.carried = dict(stats)
                 raise SyncStopped(f"stopped during the sync before update {version} ({made}/{missing} batches)")
+        if made and self.source.capacity_sequences(len(self.queue[-1][0])):  # a store: check the budget once a sync
+            self._check_budget(target, staleness, sync_every)
         self.pops_since_sync = 0
         self.synced_once = True
         stats["buffer/synced"] = 1.0
 
     def _check_budget(self, target: int, staleness: int, sync_every: int) -> None:
-        """Refuse a queue of ``target`` batches whose size (estimated from the newest) exceeds the budget."""
+        """Refuse a queue of ``target`` batches, plus the batch source's store at its capacity, whose size
+        (estimated from the newest batch) exceeds the budget."""
+        newest = self.queue[-1][0]
         per = batch_nbytes(*self.queue[-1])
         budget = budget_bytes()
-        if per * target > budget:
+        rows = max(1, len(newest))
+        extra = -(-self.source.capacity_sequences(rows) // rows)  # the replay store, in batches of this size
+        total = target + extra
+        if per * total > budget:
+            store = (f" + {extra} for the {self.source.name} store ({self.source.capacity_sequences(rows)} sequences)"
+                     if extra else "")
             raise WorkbenchError(
-                f"a lag of {staleness} batches + {sync_every} per sync keeps {target} batches of ~{per / 1e6:.2f} MB "
-                f"({per} bytes each) in the buffer ({per * target / 1e9:.3g} GB = {per * target} bytes), over the "
-                f"{budget / 1e9:g} GB budget ({BUDGET_ENV}); lower staleness / sync_every or raise {BUDGET_ENV}")
+                f"a lag of {staleness} batches + {sync_every} per sync{store} keeps {total} batches of ~{per / 1e6:.2f} "
+                f"MB ({per} bytes each) in the buffer ({per * total / 1e9:.3g} GB = {per * total} bytes), over the "
+                f"{budget / 1e9:g} GB budget ({BUDGET_ENV}); lower staleness / sync_every"
+                f"{' / the store capacity' if extra else ''} or raise {BUDGET_ENV}")
 
     # ---- checkpointing: tensors to safetensors, the rest to JSON ----
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -222,8 +251,10 @@ class StalenessBuffer:
             t, m = batch.to_state(prefix=f"queue{i}.")
             tensors.update(t)
             metas.append({"rollouts": m, "score_metrics": score_metrics})
+        src_tensors, src_meta = self.source.state(prefix="source.")
+        tensors.update(src_tensors)
         return tensors, {"queue": metas, "pops_since_sync": self.pops_since_sync, "synced_once": self.synced_once,
-                         "carried": dict(self.carried)}
+                         "carried": dict(self.carried), "source": src_meta}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.queue = deque(
@@ -233,3 +264,5 @@ class StalenessBuffer:
         self.pops_since_sync = int(meta["pops_since_sync"])
         self.synced_once = bool(meta["synced_once"])
         self.carried = {str(k): float(v) for k, v in meta.get("carried", {}).items()}  # absent before
+        # the source the checkpoint holds (absent before batch sources: fifo)
+        self.source = source_from_state(tensors, meta["source"]) if "source" in meta else make_source("fifo")

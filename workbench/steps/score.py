@@ -21,6 +21,8 @@ estimator's registered ``choices`` (``RunConfig.advantage_params``, ``score(...,
                   exact; verl puts eps inside the square root (rsqrt(s^2 + 1e-8)), here it is added
                   to s like every estimator of this file.
     none          raw reward (TOPR arXiv:2503.14286 uses +1/-1 rewards with no baseline).
+    capo          pairwise logistic-AUC advantage from each response's confidence (CAPO arXiv:2604.12632,
+                  ``workbench.steps.advantages_seed``); ``noise_margin`` is a numeric option.
 A group of size 1 has no baseline information: its centred reward is 0 in every group estimator
 (verl instead uses mean 0, std 1 there, i.e. the raw reward). A batch std of a single value is 0.
 
@@ -28,7 +30,8 @@ Filtering: ``score(..., filter_zero_variance=True)`` drops groups whose *combine
 constant (DAPO dynamic sampling, arXiv:2503.14476, without the resampling: the loop decides that).
 Advantages are computed after filtering, as in verl's DAPO recipe (matters only for the batch-level
 estimators lite_ppo and reinforce_pp). An estimator that takes ``lengths`` gets the kept rows'
-response lengths [B'].
+response lengths [B']; one that takes ``confidence`` gets their mean behaviour log-probs [B'].
+Numeric options are listed in the estimator's ``numbers`` metadata ({key: (low, high)}).
 
 Left out: token-level advantages (GAE/critics, REINFORCE++ discounted per-token returns), ReMax/OPO/GPG
 baselines. (Rewards, their spec and their validation: ``workbench.steps.rewards``.)
@@ -45,6 +48,7 @@ import torch
 from workbench.errors import WorkbenchError, bad_value
 from workbench.registry import Registry
 from workbench.rollouts import Rollouts
+from workbench.steps.advantages_seed import CAPO_META, capo, sequence_confidence
 from workbench.steps.rewards import (REWARDS, RewardFn, RewardSpec, combine, compute_rewards, exact_match,
                                      format_reward, overlong, reward_kwargs)
 
@@ -108,6 +112,13 @@ def rloo(rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1e-6) ->
 
 
 def _option(name: str, key: str, value: Any) -> None:
+    numbers = ADVANTAGES.meta(name).get("numbers", {})
+    if key in numbers:
+        lo, hi = numbers[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo <= value <= hi:
+            raise bad_value(f"advantage_params.{key}", value, f"a number in [{lo}, {hi}] (advantage={name})")
+        return
     choices = ADVANTAGES.meta(name)["choices"][key]
     if value not in choices:
         raise bad_value(f"advantage_params.{key}", value, f"{' | '.join(choices)} (advantage={name})")
@@ -156,14 +167,18 @@ def no_baseline(rewards: torch.Tensor, group_id: torch.Tensor, *, eps: float = 1
     return rewards.clone()  # [B]
 
 
+ADVANTAGES.add("capo", capo, **CAPO_META)
+
+
 def validate_advantage_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Check ``params`` against estimator ``name``'s registered ``choices``; one-line WorkbenchError."""
     if not isinstance(params, dict):
         raise bad_value("advantage_params", params, "a dict of the estimator's options")
-    choices = ADVANTAGES.meta(name).get("choices", {})
+    meta = ADVANTAGES.meta(name)
+    keys = {**meta.get("choices", {}), **meta.get("numbers", {})}
     for key, value in params.items():
-        if key not in choices:
-            valid = ", ".join(sorted(choices)) or "none"
+        if key not in keys:
+            valid = ", ".join(sorted(keys)) or "none"
             raise WorkbenchError(f"advantage_params has no key {key!r} for advantage={name!r}: valid keys are {valid}")
         _option(name, key, value)
     return params
@@ -208,6 +223,8 @@ def score(
         else dict(advantage_params or {})
     if "lengths" in inspect.signature(adv_fn).parameters:
         params = {**params, "lengths": kept.response_lengths}  # [B']
+    if "confidence" in inspect.signature(adv_fn).parameters:
+        params = {**params, "confidence": sequence_confidence(kept.behavior_logprobs, kept.response_mask)}  # [B']
     adv = adv_fn(kept_rewards, kept.group_id, eps=eps, **params)  # [B']
     out = kept.with_(rewards=kept_rewards, advantages=adv)
 

@@ -13,7 +13,12 @@ sequences with the gradient accumulated (``chunk_logprobs`` / ``backward_chunks`
 "The loop"): the loss itself is always built once over the whole minibatch, so every objective,
 aggregation, KL and entropy term, diagnostic and the gradient clip see exactly the unchunked batch.
 
-Leaves out: value heads/GAE (critic-free methods only), mixed precision.
+``autocast`` ('' | bf16 | fp16) runs this update's forwards under ``torch.autocast`` and builds the
+loss in fp32 outside it; ``compile`` calls the policy's cached ``torch.compile`` module for the
+training forward/backward, its first update logging ``perf/compile_seconds``
+(``workbench.policy.fast_path``, which says why bf16 is an engine-mismatch source).
+
+Leaves out: value heads/GAE (critic-free methods only), fp16 loss scaling.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ except ImportError:  # pragma: no cover  (Windows)
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.policy.fast_path import autocast_context, training_model
 from workbench.policy.logprobs import frozen_logprobs, token_logprobs
 from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
@@ -39,7 +45,7 @@ from workbench.steps.reweight.corrections import loglinear_proximal
 from workbench.steps.reweight.aggregate import aggregate
 from workbench.steps.reweight.kl import kl_penalty, kl_term  # noqa: F401  (kl_penalty: re-exported)
 from workbench.steps.reweight.loss import policy_loss
-from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
+from workbench.steps.reweight.mismatch import attach_trainer_logprobs, metrics as mismatch_metrics
 from workbench.tasks import Example, Task
 
 
@@ -61,14 +67,22 @@ def lr_multiplier(update: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float) -> torch.Tensor:
-    """log pi_prox of the sampled tokens: the trainer's current weights, no graph. [B, T]
+def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float, autocast: str = "") -> torch.Tensor:
+    """log pi_prox of the sampled tokens: the trainer's current weights and precision, no graph. [B, T]
 
     AReaL's decoupled PPO (arXiv:2505.24298) recomputes them once per batch, at the start of its
     first update, so with reuse (epochs x minibatches) the clip acts on the later minibatches while
     the behaviour weight pi_prox / mu corrects for staleness.
     """
-    return frozen_logprobs(model, batch, temperature)
+    with autocast_context(autocast, model):
+        return frozen_logprobs(model, batch, temperature).float()  # [B, T]
+
+
+def generating_logprobs(model: torch.nn.Module, rollouts: Rollouts, temperature: float, autocast: str = "") -> Rollouts:
+    """``rollouts`` with log pi_gen attached (``mismatch.attach_trainer_logprobs``) under the trainer's
+    precision, so a bf16 trainer's rounding lands in engine mismatch, not in drift."""
+    with autocast_context(autocast, model):
+        return attach_trainer_logprobs(model, rollouts, temperature)
 
 
 def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
@@ -220,6 +234,8 @@ def update_step(
     expert_batch: Rollouts | None = None,
     keep_tokens: dict[str, Any] | None = None,
     micro_batch_size: int = 0,
+    autocast: str = "",
+    compile: bool = False,
 ) -> dict[str, float]:
     """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
 
@@ -250,6 +266,9 @@ def update_step(
     (``chunk_logprobs``, ``backward_chunks``): one extra no-graph forward per piece buys a loss built
     once over the whole minibatch, so the gradient, metrics and token record equal the unchunked
     ones up to float rounding for every objective. CHORD's expert batch stays one piece.
+
+    ``autocast`` / ``compile``: the module docstring; every forward here runs under the autocast,
+    the policy's own (with a graph, and micro-batching's no-graph pass) through the compiled module.
     """
     obj = objective if isinstance(objective, Objective) else resolve_objective(objective, objective_params)
     if isinstance(objective, Objective) and objective_params:
@@ -263,31 +282,34 @@ def update_step(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
+    policy, first_compile = training_model(model, compile)  # the module the training forward calls
     mask = batch.response_mask  # [B, T]
     prox = batch.prox_logprobs  # [B, T] or None
     extra: dict[str, float] = {}
     chunks = row_chunks(len(batch), micro_batch_size)
     chunked = len(chunks) > 1
-    if proximal == "recompute" and prox is None:  # the loop attaches them once per batch
-        prox = torch.cat([proximal_logprobs(model, batch.select(rows), temperature) for rows in chunks]
-                         ) if chunked else proximal_logprobs(model, batch, temperature)  # [B, T]
-    ref_lp = None  # [B, T]: the reference forward, in pieces when chunked (else loss_context runs it)
-    if chunked and ref_model is not None and (bool(kl_coef) or "ref_logprobs" in obj.needs):
-        ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature) for rows in chunks])
-    if chunked:
-        logprobs, entropy, rng_states = chunk_logprobs(model, batch, chunks, temperature)  # [B, T] x2, leaves
-    else:
-        logprobs, entropy = token_logprobs(model, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
-    if proximal == "loglinear":
-        if policy_version is None:
-            raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
-        prox, alpha = loglinear_proximal(logprobs, batch.behavior_logprobs, batch.policy_version, policy_version,
-                                         mask)  # [B, T], [B]
-        extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
-    elif proximal not in ("none", "recompute"):
-        raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
-    ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
-                       ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+    with autocast_context(autocast, model):  # forwards only: the loss below is built in fp32, outside it
+        if proximal == "recompute" and prox is None:  # the loop attaches them once per batch
+            prox = torch.cat([proximal_logprobs(model, batch.select(rows), temperature) for rows in chunks]
+                             ) if chunked else proximal_logprobs(model, batch, temperature)  # [B, T] (autocast: already on)
+        ref_lp = None  # [B, T]: the reference forward, in pieces when chunked (else loss_context runs it)
+        if chunked and ref_model is not None and (bool(kl_coef) or "ref_logprobs" in obj.needs):
+            ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature) for rows in chunks])
+        if chunked:
+            logprobs, entropy, rng_states = chunk_logprobs(policy, batch, chunks, temperature)  # [B, T] x2, leaves
+        else:
+            logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
+        if proximal == "loglinear":
+            if policy_version is None:
+                raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
+            prox, alpha = loglinear_proximal(logprobs, batch.behavior_logprobs, batch.policy_version, policy_version,
+                                             mask)  # [B, T], [B]
+            extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
+        elif proximal not in ("none", "recompute"):
+            raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
+        ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
+                           ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+    logprobs, entropy = logprobs.float(), entropy.float()  # [B, T] x2: the objective sees fp32
     ref_lp = ctx.get("ref_logprobs")  # [B, T] or None
     t1 = time.perf_counter()
     loss, metrics = policy_loss(
@@ -313,7 +335,8 @@ def update_step(
     optimizer.zero_grad(set_to_none=True)
     total.backward()  # chunked: into the leaves (and the expert graph), then one chunk at a time
     if chunked:
-        backward_chunks(model, batch, chunks, temperature, logprobs, entropy, rng_states)
+        with autocast_context(autocast, model):
+            backward_chunks(policy, batch, chunks, temperature, logprobs, entropy, rng_states)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -337,4 +360,6 @@ def update_step(
         "perf/train_tokens": float(mask.sum()),
         "perf/peak_mem_mb": peak_memory_mb(device),
     })
+    if first_compile:  # this update's forward + backward compiled the module (and ran it once)
+        metrics["perf/compile_seconds"] = t3 - t0
     return metrics

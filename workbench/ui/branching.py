@@ -36,7 +36,8 @@ import altair as alt
 from workbench.branch import MANIFEST, BranchSet, branch_here, check_knob_changes, nest_changes
 from workbench.branch_report import interval_note, markdown_table, paired_chart_spec, paired_differences, sentences
 from workbench.charts import save_png
-from workbench.config import LIVE_FIELDS, Knobs, RunConfig
+from workbench.config import RunConfig
+from workbench.knobs import LIVE_FIELDS, Knobs
 from workbench.errors import WorkbenchError, one_line, short_repr
 from workbench.ui.live import enable_offline
 

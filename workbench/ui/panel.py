@@ -39,7 +39,8 @@ import polars as pl
 from tqdm.std import tqdm
 
 from workbench.config import RunConfig
-from workbench.loop import Run, progress_postfix
+from workbench.loop import Run
+from workbench.runs.progress import progress_postfix
 from workbench.notebook import has_frontend
 from workbench.runs.stop import StopSignals
 from workbench.charts import chart_spec, event_label, run_chart, save_png

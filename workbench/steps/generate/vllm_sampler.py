@@ -40,7 +40,10 @@ start instead of 16-30 s) and ``OMP_NUM_THREADS``; everywhere ``VLLM_CACHE_ROOT`
 vLLM reads its environment once per process when the first engine starts. Scripts that start an
 engine need an ``if __name__ == "__main__":`` guard (vLLM may spawn processes).
 
-Left out: tensor/pipeline parallel engines, LoRA sync, NCCL weight broadcast to a separate GPU
+A LoRA policy (``RunConfig.lora``) reaches the engine merged: it starts from ``plain_policy`` and
+syncs ``merged_state_dict`` (``W + (alpha / r) B A`` under the base names; ``policy.lora``).
+
+Left out: tensor/pipeline parallel engines, vLLM's own LoRA serving, NCCL weight broadcast to a separate GPU
 (the weights go through host memory), partial (interruptible) rollouts, sampling options beyond
 ``SamplingParams`` (repetition penalties, stop strings).
 """
@@ -61,6 +64,7 @@ import torch
 
 from workbench.cache import cache_root
 from workbench.errors import WorkbenchError, bad_value
+from workbench.policy.lora import merged_state_dict, plain_policy
 from workbench.policy.model import save_policy
 from workbench.rollouts import Rollouts
 from workbench.steps.generate.sampler import SamplingParams, build_rollouts, check_generate_args, encode_prompts
@@ -245,7 +249,7 @@ class VLLMSampler:
                 base.mkdir(parents=True, exist_ok=True)
             self._tmp = Path(tempfile.mkdtemp(prefix="workbench-engine-", dir=base))
             weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
-            path = str(save_policy(model, tokenizer, self._tmp / "start"))
+            path = str(save_policy(plain_policy(model), tokenizer, self._tmp / "start"))  # LoRA: merged copy
         kwargs: dict[str, Any] = dict(
             model=str(path), tokenizer=str(path), skip_tokenizer_init=True, dtype=self.dtype, seed=int(seed),
             enforce_eager=self.options["enforce_eager"], enable_prefix_caching=self.options["enable_prefix_caching"],
@@ -301,7 +305,7 @@ class VLLMSampler:
             return False
         t0 = time.perf_counter()
         try:
-            weights = {k: v.detach() for k, v in model.state_dict().items()}
+            weights = merged_state_dict(model)  # LoRA adapters merged in (policy.lora); else the state dict
             if self.transfer == "tensors":
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
             else:

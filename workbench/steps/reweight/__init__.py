@@ -25,6 +25,7 @@ from workbench.steps.reweight.loss import policy_loss
 from workbench.steps.reweight.objectives import clipped_surrogate, m2po_mask, truncated_is_weight
 from workbench.steps.reweight import peer_rules  # noqa: F401  (registers dppo_tv, dppo_kl, opsm, vespo, topr_token)
 from workbench.steps.reweight import preference  # noqa: F401  (registers the preference objectives)
+from workbench.steps.reweight import seed_rules  # noqa: F401  (registers bpo, humanline, hapo)
 from workbench.steps.reweight.corrections import PRESETS as CORRECTION_PRESETS, Correction, loglinear_proximal, make_correction
 from workbench.steps.reweight.curves import curve_frame, weight_curve, weight_curves
 
