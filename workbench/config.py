@@ -92,6 +92,12 @@ class RunConfig:
     """Top-k sampling; 0 = off."""
     max_new_tokens: int = 0
     """Generation budget; 0 = the task's own answer budget."""
+    adaptive_temperature: float = 0.0
+    """HAPO's entropy-adaptive sampling temperature, alpha: T_t = clip(T (1 + alpha (H_t / log V - 0.5)), min, max) per token; 0 = off; sampler=transformers only (workbench.steps.generate.sampler)."""
+    adaptive_temperature_min: float = 0.1
+    """Lowest per-token temperature when adaptive_temperature > 0."""
+    adaptive_temperature_max: float = 2.0
+    """Highest per-token temperature when adaptive_temperature > 0."""
     sampler: str = "transformers"
     """Generation engine: transformers (shares the trainer's model) | vllm (own weights, synced in place; needs the vllm extra)."""
     sampler_params: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +179,9 @@ class RunConfig:
     use_bias_correction_kl, DeepSeek-V3.2); the ratio carries the gradient, as in TRL."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (0 = off)."""
+    alp_scale: float = 0.0
+    """ALP (steps.alp): bound on each layer's adversarial input perturbation, ||delta_l|| <= alp_scale x
+    the RMS token norm of that layer's input; 0 = off. Needs micro_batch_size 0 (or >= the minibatch), no compile."""
 
     # --- run ---
     steps: int = 300
@@ -248,6 +257,14 @@ class RunConfig:
                f"a value that keeps whole groups of {self.group_size} in each minibatch")
         _check(self.temperature > 0, "temperature", self.temperature, "a float > 0")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "a float in (0, 1]")
+        _check(0 <= self.adaptive_temperature < float("inf"), "adaptive_temperature", self.adaptive_temperature,
+               "a finite float >= 0 (0 = off)")
+        _check(0 < self.adaptive_temperature_min < float("inf"), "adaptive_temperature_min",
+               self.adaptive_temperature_min, "a finite float > 0")
+        _check(self.adaptive_temperature_min <= self.adaptive_temperature_max < float("inf"), "adaptive_temperature_max",
+               self.adaptive_temperature_max, f"a finite float >= adaptive_temperature_min={self.adaptive_temperature_min}")
+        _check(self.adaptive_temperature == 0 or self.sampler == "transformers", "adaptive_temperature",
+               self.adaptive_temperature, "0 with sampler=vllm (it samples each request at one temperature)")
         _check(0 < self.lr < 1, "lr", self.lr, "a float in (0, 1)")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, " | ".join(LR_SCHEDULES))
         _check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", self.kl_estimator, " | ".join(KL_ESTIMATORS))
@@ -261,6 +278,10 @@ class RunConfig:
                    "a value > 0: the run evaluates held-out accuracy at the start, every eval_every updates and at the end")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
                self.adam_betas, "two floats in [0, 1)")
+        _check(0 <= self.alp_scale < float("inf"), "alp_scale", self.alp_scale, "a finite float >= 0 (0 = off)")
+        chunked = 0 < self.micro_batch_size < self.batch_size // self.num_minibatches  # micro-batched minibatches
+        _check(not (self.alp_scale and (chunked or self.compile)), "alp_scale", self.alp_scale,
+               "0 with micro_batch_size in (0, minibatch size) or compile=true (ALP needs one piece, eager)")
 
     @property
     def batch_size(self) -> int:

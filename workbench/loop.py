@@ -155,7 +155,7 @@ class Run:
             ref_model=self.ref_model,
             correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
             loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size, autocast=cfg.autocast, compile=cfg.compile,
-            context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens)
+            context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens, alp_scale=cfg.alp_scale)
         self.last_update_tokens = tokens
         self.version += 1
 
@@ -202,8 +202,8 @@ class Run:
         cfg, kn, t0 = self.config, self.knobs.applied, time.perf_counter()
         examples = render_examples(self.tokenizer, self.task.sample(self.prompt_rng, prompts or cfg.prompts_per_step),
                                    self.chat_template)
-        params = SamplingParams(temperature=kn.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_new_tokens=cfg.max_new_tokens or self.task.max_answer_tokens)
+        params = SamplingParams(temperature=kn.temperature, top_p=cfg.top_p, top_k=cfg.top_k, adaptive_temperature=cfg.adaptive_temperature,
+                                max_new_tokens=cfg.max_new_tokens or self.task.max_answer_tokens, adaptive_temperature_min=cfg.adaptive_temperature_min, adaptive_temperature_max=cfg.adaptive_temperature_max)
         self.model.eval()
         rollouts = self.sampler.generate(examples, cfg.group_size, params, generator=self.generator,
                                          policy_version=self.version)

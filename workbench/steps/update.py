@@ -40,6 +40,7 @@ from workbench.policy.fast_path import autocast_context, training_model
 from workbench.policy.logprobs import frozen_logprobs, token_logprobs
 from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
+from workbench.steps.alp import adversarial_deltas, delta_metrics, perturbed
 from workbench.steps.reweight.core import Objective, resolve_objective
 from workbench.steps.reweight.corrections import loglinear_proximal
 from workbench.steps.reweight.aggregate import aggregate
@@ -211,6 +212,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def _check_alp(alp_scale: Any, chunked: bool, compile: bool) -> bool:
+    """Whether ALP is on; bad values and the unsupported combinations raise one-line errors."""
+    if isinstance(alp_scale, bool) or not isinstance(alp_scale, (int, float)) or not 0 <= alp_scale < float("inf"):
+        raise WorkbenchError(f"alp_scale={alp_scale!r} is invalid: expected a finite float >= 0 (0 = off)")
+    if alp_scale and (chunked or compile):
+        raise WorkbenchError(f"alp_scale={alp_scale!r} needs micro_batch_size=0 and compile=False "
+                             f"(got micro-batching={chunked}, compile={compile})")
+    return bool(alp_scale)
+
+
+def _isolated(ctx: dict[str, Any]) -> dict[str, Any]:
+    """``ctx`` with a copy of its objective state: ALP's extra loss must not advance R2VPO's dual twice."""
+    return {**ctx, "state": dict(ctx["state"])} if isinstance(ctx.get("state"), dict) else ctx
+
+
 def update_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -236,6 +252,7 @@ def update_step(
     micro_batch_size: int = 0,
     autocast: str = "",
     compile: bool = False,
+    alp_scale: float = 0.0,
 ) -> dict[str, float]:
     """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
 
@@ -269,6 +286,10 @@ def update_step(
 
     ``autocast`` / ``compile``: the module docstring; every forward here runs under the autocast,
     the policy's own (with a graph, and micro-batching's no-graph pass) through the compiled module.
+
+    ``alp_scale`` > 0: ALP (``workbench.steps.alp``): the loss context is built first, one delta = 0
+    forward/backward gives each layer's adversarial delta and the training forward runs perturbed
+    (the proximal / reference / expert forwards do not); needs one piece and no compile. 0 = off.
     """
     obj = objective if isinstance(objective, Objective) else resolve_objective(objective, objective_params)
     if isinstance(objective, Objective) and objective_params:
@@ -277,6 +298,7 @@ def update_step(
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 0:
         raise WorkbenchError(f"micro_batch_size={micro_batch_size!r} is invalid: expected an integer >= 0 "
                              "(0 = the whole minibatch in one piece)")
+    alp_on = _check_alp(alp_scale, len(row_chunks(len(batch), micro_batch_size)) > 1, compile)
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -295,10 +317,20 @@ def update_step(
         ref_lp = None  # [B, T]: the reference forward, in pieces when chunked (else loss_context runs it)
         if chunked and ref_model is not None and (bool(kl_coef) or "ref_logprobs" in obj.needs):
             ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature) for rows in chunks])
+        ctx, deltas = None, None
+        if alp_on:  # the adversarial pass needs the loss context, so it is built before the forward
+            ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
+                               expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+            deltas, _ = adversarial_deltas(model, batch, temperature, alp_scale, lambda lp: policy_loss(
+                obj, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=obj.aggregation(aggregation),
+                loss_scale_factor=loss_scale_factor, prox_logprobs=prox, correction=correction,
+                context=_isolated(ctx))[0])
+            extra.update(delta_metrics(deltas))
         if chunked:
             logprobs, entropy, rng_states = chunk_logprobs(policy, batch, chunks, temperature)  # [B, T] x2, leaves
         else:
-            logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
+            with perturbed(model, deltas):  # no hooks when ALP is off
+                logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
         if proximal == "loglinear":
             if policy_version is None:
                 raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
@@ -307,8 +339,9 @@ def update_step(
             extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
         elif proximal not in ("none", "recompute"):
             raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
-        ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
-                           ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+        if ctx is None:
+            ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
+                               ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
     logprobs, entropy = logprobs.float(), entropy.float()  # [B, T] x2: the objective sees fp32
     ref_lp = ctx.get("ref_logprobs")  # [B, T] or None
     t1 = time.perf_counter()

@@ -7,10 +7,24 @@ sampled from. With top-k / top-p that is a truncated, renormalised distribution,
 full-softmax log-prob the trainer recomputes: a real behaviour/target mismatch that off-policy
 corrections see (docs/design.md, "Staleness and the behaviour policy"). Temperature 0 is greedy
 decoding with log-prob 0.
+
+Entropy-adaptive temperature (``adaptive_temperature`` = alpha > 0; after HAPO's Adaptive Temperature
+Sampling: Liu, Liu, Wen, Cai, Cui, He, Zhang 2025, "From Uniform to Heterogeneous: Tailoring Policy
+Optimization to Every Token's Nature", arXiv:2509.16591). Per decode step and row, h_t = H_t / log V is
+the entropy of the full, untruncated softmax at the base temperature T, normalised by its maximum
+(V = the logits' width), and the step samples at
+    T_t = clip(T * (1 + alpha * (h_t - 0.5)), T_min, T_max)
+(then top-k / top-p on logits / T_t): hotter at high-entropy "forking" tokens (exploration), colder at
+near-deterministic ones (coherence). The map is this module's choice (linear in h_t, equal to T at
+h_t = 0.5, monotone increasing), not a transcription of the paper's. ``behavior_logprobs`` are then
+log-probs under the T_t distribution actually sampled from, while the trainer scores at the single
+temperature T: the trainer-vs-behaviour log-ratio is not 0 even on-policy, by design (the importance
+weight corrects for the temperature change, and ``mismatch/engine_*`` shows it at staleness 0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -36,6 +50,12 @@ class SamplingParams:
     """Keep only the k most likely tokens (0 = off)."""
     max_new_tokens: int | None = None
     """Generation budget in tokens (EOS included); None = the task's ``max_answer_tokens``."""
+    adaptive_temperature: float = 0.0
+    """alpha of the entropy-adaptive temperature T_t (module docstring); 0 = off; temperature 0 stays greedy."""
+    adaptive_temperature_min: float = 0.1
+    """T_min: the lowest per-token temperature when ``adaptive_temperature`` > 0."""
+    adaptive_temperature_max: float = 2.0
+    """T_max: the highest per-token temperature when ``adaptive_temperature`` > 0."""
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -50,6 +70,15 @@ class SamplingParams:
         m = self.max_new_tokens
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise bad_value("SamplingParams.max_new_tokens", m, "an int >= 1 or None (task default)")
+        a = self.adaptive_temperature
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < float("inf"):
+            raise bad_value("SamplingParams.adaptive_temperature", a, "a finite number >= 0 (0 = off)")
+        lo, hi = self.adaptive_temperature_min, self.adaptive_temperature_max
+        if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 < lo < float("inf"):
+            raise bad_value("SamplingParams.adaptive_temperature_min", lo, "a finite number > 0")
+        if isinstance(hi, bool) or not isinstance(hi, (int, float)) or not lo <= hi < float("inf"):
+            raise bad_value("SamplingParams.adaptive_temperature_max", hi,
+                            f"a finite number >= adaptive_temperature_min={lo}")
 
     def for_task(self, task: "Task") -> "SamplingParams":
         """These params with ``max_new_tokens`` filled from ``task.max_answer_tokens`` if unset."""
@@ -60,7 +89,7 @@ class SamplingParams:
     @property
     def full_distribution(self) -> bool:
         """True when behaviour log-probs equal the temperature-scaled full softmax."""
-        return self.temperature > 0 and self.top_p >= 1.0 and self.top_k == 0
+        return self.temperature > 0 and self.top_p >= 1.0 and self.top_k == 0 and self.adaptive_temperature == 0
 
 
 @runtime_checkable
@@ -135,9 +164,26 @@ def build_rollouts(
     )
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p; removed tokens get -inf. ``logits`` [B, V] -> [B, V]."""
-    logits = logits.float() / params.temperature  # [B, V]
+def adaptive_temperatures(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Per-row T_t = clip(T * (1 + alpha * (H / log V - 0.5)), T_min, T_max), H the entropy of the full
+    softmax(logits / T) (module docstring). ``logits`` [B, V] -> [B] float32; needs temperature > 0."""
+    logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # [B, V]
+    # p log p with p = 0 (an -inf logit) contributes 0, not nan
+    entropy = -(logp.exp() * logp).nan_to_num(nan=0.0).sum(-1)  # [B]
+    vocab = logits.shape[-1]
+    h = entropy / math.log(vocab) if vocab > 1 else torch.zeros_like(entropy)  # [B] in [0, 1]
+    t = params.temperature * (1.0 + params.adaptive_temperature * (h - 0.5))  # [B]
+    return t.clamp(params.adaptive_temperature_min, params.adaptive_temperature_max)  # [B]
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams,
+                   temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature, then top-k, then top-p; removed tokens get -inf. ``logits`` [B, V] -> [B, V].
+    ``temperature`` [B] (per row, e.g. ``adaptive_temperatures``) replaces ``params.temperature``."""
+    if temperature is None:
+        logits = logits.float() / params.temperature  # [B, V]
+    else:
+        logits = logits.float() / temperature[:, None]  # [B, V]
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
@@ -168,4 +214,5 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-__all__ = ["SamplingParams", "Sampler", "build_rollouts", "check_generate_args", "encode_prompts", "process_logits"]
+__all__ = ["SamplingParams", "Sampler", "adaptive_temperatures", "build_rollouts", "check_generate_args", "encode_prompts",
+           "process_logits"]

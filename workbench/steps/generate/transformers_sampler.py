@@ -7,6 +7,11 @@ batch and the cache) and the whole batch when every sequence has stopped. Sharin
 dropping finished rows are what ``model.generate`` does not do; the sampled tokens' log-probs come
 for free. It samples with the trainer's own model object, so it always holds the current weights.
 
+``SamplingParams.adaptive_temperature`` > 0 samples each token at its own entropy-adaptive
+temperature (HAPO's Adaptive Temperature Sampling; the map and its citation are in
+``workbench.steps.generate.sampler``); the behaviour log-probs are those of that per-token
+distribution, so they differ from the trainer's single-temperature ones even on-policy.
+
 Left out: repetition penalties, stop strings, beam search, speculative decoding.
 """
 
@@ -21,8 +26,8 @@ from transformers import DynamicCache
 
 from workbench.errors import WorkbenchError
 from workbench.rollouts import Rollouts
-from workbench.steps.generate.sampler import (SamplingParams, build_rollouts, check_generate_args, encode_prompts,
-                                              process_logits)
+from workbench.steps.generate.sampler import (SamplingParams, adaptive_temperatures, build_rollouts, check_generate_args,
+                                              encode_prompts, process_logits)
 from workbench.tasks import Example
 
 if TYPE_CHECKING:
@@ -112,7 +117,9 @@ class TransformersSampler:
                 tok = logits.argmax(-1)  # [b]
                 lp = torch.zeros(tok.shape, dtype=torch.float32, device=device)  # [b]
             else:
-                logprobs = torch.log_softmax(process_logits(logits, params), dim=-1)  # [b, V]
+                # per-token temperature only when asked: alpha = 0 keeps the scalar path bit for bit
+                temps = adaptive_temperatures(logits, params) if params.adaptive_temperature > 0 else None  # [b]
+                logprobs = torch.log_softmax(process_logits(logits, params, temps), dim=-1)  # [b, V]
                 tok = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)  # [b]
                 lp = logprobs.gather(-1, tok[:, None]).squeeze(-1)  # [b]
             resp[rows, step] = tok

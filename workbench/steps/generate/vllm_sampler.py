@@ -335,6 +335,8 @@ class VLLMSampler:
     ) -> Rollouts:
         """One row per (example, sample), tagged with the engine's ``version`` (= ``policy_version``
         after ``sync(model, policy_version)``, which the loop always calls first)."""
+        if params.adaptive_temperature > 0:  # vLLM samples a request at one temperature
+            raise WorkbenchError(f"SamplingParams.adaptive_temperature={params.adaptive_temperature} is invalid for sampler=vllm: expected 0 (per-token temperature needs sampler=transformers)")
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 

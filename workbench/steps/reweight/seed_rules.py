@@ -43,8 +43,9 @@ aggregates (token-mean by default). Formulas, papers and the choices made where 
   per-token entropy of the current policy (the update step computes it for the entropy bonus only), so
   h_t = 1 - pi_theta(y_t) (detached), the probability mass the policy leaves to other tokens, stands in
   for the normalised entropy: it is 0 for a certain token, rises with the surprisal -log pi_theta(y_t)
-  and is bounded by 1 without batch statistics. The ratio term of the paper's redistribution and its
-  adaptive sampling temperature (a generate-step matter) are left out. Defaults: eps_low 0.2 -> 0.3,
+  and is bounded by 1 without batch statistics. The ratio term of the paper's redistribution is left
+  out; its adaptive sampling temperature is a sampler option (``RunConfig.adaptive_temperature``,
+  workbench/steps/generate/sampler.py). Defaults: eps_low 0.2 -> 0.3,
   eps_high 0.2 -> 0.28 (DAPO's clip-higher at the entropic end), beta 1.
 
 Metrics: ``offpolicy/clipfrac*`` (tokens whose gradient a clip removed: humanline either sign, HAPO
