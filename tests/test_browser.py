@@ -190,10 +190,15 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
             assert df.filter(pl.col("update") >= ev2["update"])["knob/objective"].to_list()[0] == "m2po"
             assert df.filter(pl.col("update") < ev["update"])["knob/staleness"].to_list()[-1] == 0
 
-            # and the chart shows them: the knob rules' labels (SVG text) in the live chart
+            # and the chart shows them: the knob rules' labels (SVG text) in the live chart. Pause first:
+            # while the tiny model trains at tens of updates per second, a loaded machine's browser can
+            # take longer to draw a spec of ~1000 rows than the panel takes to send the next one, so the
+            # chart on screen lags; paused, the last spec (with both changes) is the one drawn
+            page.locator(".workbench-panel button:has-text('Pause')").first.click()
+            _wait_for(lambda: "paused" in status.inner_text(), 60, "status 'paused'")
             # scroll the panel, not the SVG: the live chart re-renders (a new SVG element) on every refresh
             _wait_for(lambda: _show_chart(page), 30, "the live chart")
-            _wait_for(lambda: page.locator(f"svg text:has-text('staleness={readout}')").count() > 0, 60,
+            _wait_for(lambda: page.locator(f"svg text:has-text('staleness={readout}')").count() > 0, 120,
                       "the staleness rule in the chart")
             _wait_for(lambda: page.locator("svg text:has-text('objective=m2po')").count() > 0, 60,
                       "the objective rule in the chart")

@@ -395,6 +395,34 @@ def test_loglinear_proximal_by_hand():
     assert not prox.requires_grad and bool(torch.isfinite(prox).all())
 
 
+def test_linear_proximal_interpolates_probabilities_by_hand():
+    # AReaL prox_logp_method="linear": pi_prox = (1 - alpha) mu + alpha pi_theta, in probabilities
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7], [-0.2, -3.0]], dtype=F64, requires_grad=True)
+    beh = torch.tensor([[-1.6, -1.4], [-0.5, -math.inf], [-2.5, -0.1]], dtype=F64)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    prox, alpha = loglinear_proximal(lp, beh, torch.tensor([3, 5, 0]), 5, mask, mode="linear")
+    a, c = 1 / 2, 4 / 5  # rows 0 and 2: (4 - 3) / (5 - 3) and (4 - 0) / (5 - 0); row 1 on-policy: alpha 0
+    want = [[math.log((1 - a) * math.exp(-1.6) + a * math.exp(-1.0)), math.log((1 - a) * math.exp(-1.4) + a * math.exp(-2.0))],
+            [-0.5, 0.0],
+            [math.log((1 - c) * math.exp(-2.5) + c * math.exp(-0.2)), math.log((1 - c) * math.exp(-0.1) + c * math.exp(-3.0))]]
+    close(prox, want)
+    close(alpha, [a, 0.0, c])
+    loglin, _ = loglinear_proximal(lp, beh, torch.tensor([3, 5, 0]), 5, mask)
+    assert bool((prox >= loglin - 1e-15).all())  # log is concave: the linear point is never below the log-linear one
+    assert not prox.requires_grad and bool(torch.isfinite(prox).all())
+    with pytest.raises(WorkbenchError, match=r"^mode='cubic' is invalid: expected loglinear or linear$"):
+        loglinear_proximal(lp, beh, torch.tensor([3, 5, 0]), 5, mask, mode="cubic")
+
+
+def test_loop_linear_proximal_runs_with_the_same_alpha(tokenizer, tiny_model_config):
+    df = make_run(tokenizer, tiny_model_config, staleness=2, proximal="linear", correction="areal").run(4)
+    assert df["correction/prox_alpha_mean"].to_list() == pytest.approx([0.0, 0.0, 1 / 2, 1 / 2])
+    assert df["loss/grad_norm"].is_finite().all()
+    loglin = make_run(tokenizer, tiny_model_config, staleness=2, proximal="loglinear", correction="areal").run(4)
+    assert df["loss/grad_norm"][:2].to_list() == loglin["loss/grad_norm"][:2].to_list()  # alpha 0: both are mu
+    assert df["loss/grad_norm"][2:].to_list() != loglin["loss/grad_norm"][2:].to_list()  # alpha 1/2: they differ
+
+
 # ---- numerical safety, validation ----------------------------------------------------------------
 
 

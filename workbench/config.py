@@ -151,7 +151,8 @@ class RunConfig:
     ``{"reject": "seq_mean_k3", "reject_high": 0.02}``."""
     proximal: str = "none"
     """Proximal policy of decoupled PPO: none (two-policy bypass) | recompute (trainer forward at
-    the start of each update) | loglinear (AReaL interpolation, no forward)."""
+    the start of each update) | loglinear (AReaL interpolation in log space, no forward) | linear (AReaL's
+    interpolation in probability space)."""
 
     # --- update ---
     lr: float = 2e-4

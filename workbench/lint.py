@@ -188,7 +188,7 @@ def lint(config: RunConfig) -> list[LintWarning]:
         warn("double_correction", "correction",
              f"bypass mode: {obj}'s ratio is already pi_theta/mu, and correction={cfg.correction} multiplies "
              f"the loss by another {corr.weight} TIS weight min(pi_theta/mu, {corr.cap:g}) (~ rho^2); use a "
-             f"rejection-only correction (geo_rs, k3_rs), objective=reinforce, or proximal=recompute/loglinear")
+             f"rejection-only correction (geo_rs, k3_rs), objective=reinforce, or proximal=recompute/loglinear/linear")
     if weighted and cfg.proximal != "none" and meta.get("behavior_weighted", False):
         warn("double_correction", "correction",
              f"{obj} already weights each token by pi/mu from the behaviour log-probs, and the decoupled "

@@ -331,14 +331,14 @@ def update_step(
         else:
             with perturbed(model, deltas):  # no hooks when ALP is off
                 logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
-        if proximal == "loglinear":
+        if proximal in ("loglinear", "linear"):
             if policy_version is None:
-                raise WorkbenchError("proximal='loglinear' needs policy_version (the version at the start of the update)")
+                raise WorkbenchError(f"proximal={proximal!r} needs policy_version (the version at the start of the update)")
             prox, alpha = loglinear_proximal(logprobs, batch.behavior_logprobs, batch.policy_version, policy_version,
-                                             mask)  # [B, T], [B]
+                                             mask, mode=proximal)  # [B, T], [B]
             extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
         elif proximal not in ("none", "recompute"):
-            raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear")
+            raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear | linear")
         if ctx is None:
             ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
                                ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)

@@ -1,4 +1,4 @@
-"""The proximal policy of decoupled PPO without a forward pass: AReaL's log-linear approximation.
+"""The proximal policy of decoupled PPO without a forward pass: AReaL's log-linear (and linear) approximation.
 
 Fu et al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning System for Language
 Reasoning" (arXiv:2505.24298), decoupled PPO with ``prox_logp_method="loglinear"``:
@@ -31,7 +31,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 
-PROXIMAL_MODES: tuple[str, ...] = ("none", "recompute", "loglinear")
+PROXIMAL_MODES: tuple[str, ...] = ("none", "recompute", "loglinear", "linear")
 
 
 def loglinear_alpha(behavior_version: torch.Tensor, current_version: int) -> torch.Tensor:
@@ -53,12 +53,16 @@ def loglinear_alpha(behavior_version: torch.Tensor, current_version: int) -> tor
 
 def loglinear_proximal(
     logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, behavior_version: torch.Tensor, current_version: int,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, mode: str = "loglinear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_prox [B, T] detached, alpha [B] or [B, T]): log mu + alpha (log pi_theta - log mu).
 
-    ``behavior_version`` is [B] (one version per sequence) or [B, T] (per token). Padded positions
-    (``mask`` 0, when given) are 0.
+    ``mode="linear"`` is AReaL's ``prox_logp_method="linear"``: the same alpha, the interpolation in
+    probability space, pi_prox = (1 - alpha) mu + alpha pi_theta, i.e. log pi_prox =
+    logaddexp(log(1 - alpha) + log mu, log alpha + log pi_theta) (alpha 0: mu exactly; 1: pi_theta).
+    By concavity of log it lies at or above the log-linear point, so its behaviour weight
+    pi_prox / mu is the larger of the two. ``behavior_version`` is [B] (one version per sequence)
+    or [B, T] (per token). Padded positions (``mask`` 0, when given) are 0.
     """
     lp = logprobs.detach()  # [B, T]
     beh = behavior_logprobs.detach().to(lp.dtype)  # [B, T]
@@ -69,7 +73,12 @@ def loglinear_proximal(
     alpha = loglinear_alpha(behavior_version, current_version)  # [B] or [B, T]
     a = alpha.to(lp.dtype)
     a = a.unsqueeze(-1) if a.dim() == 1 else a  # [B, 1] or [B, T]
-    prox = beh + a * (lp - beh)  # [B, T]
+    if mode == "linear":
+        prox = torch.logaddexp(torch.log1p(-a) + beh, torch.log(a) + lp)  # [B, T]; log 0 = -inf drops a side
+    elif mode == "loglinear":
+        prox = beh + a * (lp - beh)  # [B, T]
+    else:
+        raise WorkbenchError(f"mode={mode!r} is invalid: expected loglinear or linear")
     if mask is not None:
         prox = torch.where(mask.bool(), prox, prox.new_zeros(()))
     return prox, alpha
