@@ -6,17 +6,20 @@ distribution of two seeds, Wilson intervals as roots of the score quadratic), th
 from __future__ import annotations
 
 import math
+import signal
 
 import polars as pl
 import pytest
 
 from workbench import cli
+from workbench.cli import report as report_cli
 from workbench.errors import WorkbenchError
 from workbench.studies.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
                                   resolve_size, run_sweeps, runs_table, summary_table, sweep_prefix, tiny_base)
 from workbench.studies.prosperity_intervals import cell_intervals, check_interval, with_last
 from workbench.studies.prosperity_report import (BAND_TEXT, closest_lines, curve_chart, curve_frame, drift_table,
                                                  markdown_table, render_markdown, write_report)
+from workbench.sweeps import SweepStopped
 from workbench.sweeps.results import eval_problems
 
 Z95 = 1.959963984540054
@@ -317,3 +320,15 @@ def test_tiny_sweeps_report_and_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(a) on-policy reference final accuracy: holds" in printed
     assert math.isfinite(runs["m2"].sum())
+
+
+def test_a_stopped_report_is_one_line_with_the_signal_exit_code_and_writes_no_report(tmp_path, capsys, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise SweepStopped(signal.SIGINT, "sweep runs/prosperity-stale stopped by SIGINT: 18 of 60 runs complete")
+
+    monkeypatch.setattr(report_cli, "run_sweeps", stopped)
+    out = tmp_path / "report.md"
+    assert cli.main(["report", "--out-dir", str(tmp_path), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sweep runs/prosperity-stale stopped by SIGINT: 18 of 60 runs complete"]  # no "internal error"
+    assert not out.exists()

@@ -7,8 +7,10 @@ drift-matched staleness when there is one).
 
 from __future__ import annotations
 
+import sys
 import time
 
+from workbench.sweeps import SweepStopped
 from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_staleness, load_sweeps, run_sweeps,
                                           runs_table, summary_table, sweep_base, sweep_prefix)
 
@@ -48,8 +50,12 @@ def cli_main(args) -> int:
     if args.no_run:
         df = load_sweeps(args.out_dir, prefix)
     else:
-        df = run_sweeps(args.size, out_dir=args.out_dir, prefix=prefix, workers=args.workers,
-                        threads_per_run=args.threads_per_run, ray=args.ray, progress=not args.no_progress, log=log)
+        try:
+            df = run_sweeps(args.size, out_dir=args.out_dir, prefix=prefix, workers=args.workers,
+                            threads_per_run=args.threads_per_run, ray=args.ray, progress=not args.no_progress, log=log)
+        except SweepStopped as e:  # Ctrl-C / SIGTERM: one line, the finished runs kept; the same command continues
+            print(str(e), file=sys.stderr)
+            return e.exit_code
     seconds = None
     if "perf/time_step" in df.columns:
         seconds = float(df["perf/time_step"].sum())
