@@ -21,6 +21,8 @@ from workbench.policy import lora  # noqa: E402
 from workbench.policy.logprobs import frozen_logprobs  # noqa: E402
 from workbench.policy.model import build_model, save_policy  # noqa: E402
 
+from test_run_dirs import deterministic, one_line
+
 # entropy_coef gives every update a gradient even while the tiny model earns no reward
 SMALL = dict(task="addition", task_params={"max_digits": 2, "heldout_size": 16}, prompts_per_step=4,
              group_size=4, eval_every=2, eval_size=16, lr=1e-2, seed=3, entropy_coef=0.5, out_dir="")
@@ -33,14 +35,6 @@ def quiet_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     return Run(config, model=model, tokenizer=tokenizer, log=lambda s: None)
 
 
-def deterministic(df: pl.DataFrame) -> pl.DataFrame:
-    return df.select([c for c in df.columns if not c.startswith("perf/")])
-
-
-def one_line(e: pytest.ExceptionInfo) -> str:
-    text = str(e.value)
-    assert "\n" not in text, text
-    return text
 
 
 def split_state(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
