@@ -216,16 +216,23 @@ def test_notebook_02_in_a_real_browser(lab, tmp_path):
 
 
 def _open_and_run_all(page, url: str, token: str, name: str, timeout_ms: int = 300_000) -> None:
-    """Open ``name`` in JupyterLab, Run All, and wait until every code cell has run and the kernel is idle."""
-    page.goto(f"{url}/lab/tree/{name}?token={token}", timeout=120_000)
+    """Open ``name`` in JupyterLab, Run All, and wait until every code cell has run and the kernel is idle.
+
+    ``?reset`` starts from an empty workspace: without it JupyterLab restores the tabs of the notebook
+    opened before (restarting its kernel), and for a moment the restored tab is the current widget, so
+    Run All could go to the wrong notebook. Every predicate also names the notebook it expects."""
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}", timeout=120_000)
     widget = "window.jupyterapp.shell.currentWidget"
-    page.wait_for_function(f"{widget} && {widget}.sessionContext && {widget}.sessionContext.session"
+    ours = f"{widget} && {widget}.context && {widget}.context.path === {json.dumps(name)}"
+    page.wait_for_function(f"{ours} && {widget}.sessionContext && {widget}.sessionContext.session"
                            f" && {widget}.sessionContext.session.kernel"
                            f" && {widget}.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    done = (f"{widget}.content.widgets.every(c => c.model.type !== 'code' || "
+    # an error stops Run All (later cells stay unrun): finish then too, so the test reports the error
+    done = (f"{ours} && {widget}.sessionContext.session.kernel.status === 'idle' && ("
+            f"{widget}.content.widgets.every(c => c.model.type !== 'code' || "
             f"(c.model.executionCount !== null && !c.hasClass('jp-mod-pending')))"
-            f" && {widget}.sessionContext.session.kernel.status === 'idle'")
+            f" || document.querySelector('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.error\"]'))")
     page.wait_for_function(done, timeout=timeout_ms, polling=500)
 
 
