@@ -116,6 +116,33 @@ def lab_findings(table: pl.DataFrame) -> list[str]:
     return out
 
 
+def interval_sentences(table: pl.DataFrame, metric: str = "cosine", value: float = 0.0) -> list[str]:
+    """Per estimator and staleness, whether the ``metric`` interval includes ``value`` and the
+    fresh-batch floor's mean, read from the numbers alone: "at staleness 3 the cosine interval of
+    ppo_clip [0.12, 0.40] does not include 0.00 (it lies above) and includes the fresh-batch floor
+    mean 0.31"."""
+    check_table(table)
+    floor = cell(table, FRESH_ROW, 0, metric)
+    out = []
+    for name in estimators(table):
+        for s in sorted(set(table.filter(pl.col("objective") == name)["staleness"].to_list())):
+            row = cell(table, name, s, metric)
+            lo, hi = row["lo"], row["hi"]
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                out.append(f"at staleness {s} the {metric} of {name} has no interval ({_fmt(row)})")
+                continue
+
+            def against(v: float, what: str) -> str:
+                if not math.isfinite(v):
+                    return f"cannot be compared with {what or 'the value'} (undefined)"
+                side = "" if lo <= v <= hi else " (it lies above)" if lo > v else " (it lies below)"
+                return f"{'includes' if not side else 'does not include'} {what}{v:.2f}{side}"
+
+            out.append(f"at staleness {s} the {metric} interval of {name} [{lo:.2f}, {hi:.2f}] "
+                       f"{against(value, '')} and {against(floor['mean'], 'the fresh-batch floor mean ')}")
+    return out
+
+
 def lab_summary(table: pl.DataFrame) -> dict[str, Any]:
     """JSON-able headline of a lab table: estimators, staleness, batches, the reference's precision,
     the floor's and every estimator's cosine with interval, and the findings."""
@@ -176,4 +203,5 @@ def lab_chart(table: pl.DataFrame, metrics: Sequence[tuple[str, str]] = CHART_ME
 
 
 __all__ = ["CHART_METRICS", "FRESH_ROW", "NOISY_REFERENCE", "REFERENCE_ROW", "TABLE_COLUMNS", "cell", "check_table", "estimators",
+           "interval_sentences",
            "lab_chart", "lab_findings", "lab_summary", "metric_interval", "versus_floor"]

@@ -10,6 +10,14 @@ The run folder is only read (weights via safetensors, the config), never resumed
 folder's lock, rewrites its knob journal and, at an older checkpoint, cuts its metrics. The one file
 written is ``ope-<pi>-vs-<mu>.parquet`` in the run folder, after everything has been computed; bad
 input (no checkpoint, an unknown estimator, ...) is a one-line error and writes nothing.
+
+``python -m workbench ope rank SWEEP_DIR``: policy selection over a sweep's checkpoints
+(``workbench.ope.rank``): every run's final checkpoint (``--every-checkpoint``: all of them) is a
+candidate, ranked by each estimator on the stale batches queued in a behaviour run's checkpoint
+(``--logged RUN_DIR``, default the sweep's first run; ``--logged-update U``, default its newest
+checkpoint; ``--logged-prompts N``: a fresh batch of that checkpoint's policy instead) and scored
+against a fresh sample of each candidate. Writes ``ope_selection.parquet`` and ``ope_selection.png``
+in the sweep folder after everything has been computed; bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +32,12 @@ from workbench.errors import WorkbenchError
 from workbench.loop import Run
 from workbench.ope.estimators import DEFAULT_MIN_ESS_FRAC, ESTIMATORS
 from workbench.ope.evaluate import check_estimators, derived_seed, evaluate_batch, fresh_sample, truth_of
+from workbench.ope.rank import FIGURE, FILE, format_selection, rank_sweep
+from workbench.ope.rank_chart import selection_chart_spec
 from workbench.ope.selection import load_candidates
 from workbench.runs import checkpoint as ckpt
+from workbench.charts import png_bytes
+from workbench.runs.files import atomic_write_bytes
 from workbench.runs.rundir import atomic_write_parquet
 from workbench.steps.generate import TransformersSampler
 from workbench.sweeps import split_values
@@ -36,9 +48,11 @@ def add_parser(sub) -> None:
     names = ", ".join(f"{n} ({ESTIMATORS.meta(n)['summary']})" for n in ESTIMATORS.names())
     parser = sub.add_parser("ope", help="off-policy evaluation: estimate a checkpoint's expected reward from a "
                             "batch logged by an earlier checkpoint, against a fresh on-policy truth",
-                            description=__doc__, epilog=f"estimators: {names}",
+                            description=__doc__, epilog=f"estimators: {names}", usage=USAGE,
                             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("run_dir", help="a run folder (holding config.json and checkpoints/update_*)")
+    parser.add_argument("run_dir", help="a run folder (holding config.json and checkpoints/update_*), or the "
+                        "word rank followed by a sweep folder")
+    parser.add_argument("sweep_dir", nargs="?", default=None, help="after rank: a sweep folder (sweep.json, runs/)")
     parser.add_argument("--checkpoint", default=None, help="pi: a checkpoint folder or name (default: newest)")
     parser.add_argument("--behavior-checkpoint", default=None,
                         help="mu: the checkpoint that logs the batch (default: from --staleness)")
@@ -54,10 +68,39 @@ def add_parser(sub) -> None:
                         help="refuse an estimate when ESS / N is below this (default 0.01)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the logged and truth samples (default 0)")
+    rank = parser.add_argument_group("ope rank SWEEP_DIR")
+    rank.add_argument("--k", type=int, default=None, help="rank: SharpeRatio@k over the top k (default 3)")
+    rank.add_argument("--logged", default=None, metavar="RUN_DIR",
+                      help="rank: the behaviour run whose queued stale batches are the logged data "
+                           "(default: the sweep's first run)")
+    rank.add_argument("--logged-update", type=int, default=None, metavar="U",
+                      help="rank: the behaviour run's checkpoint update_U holding them (default: its newest)")
+    rank.add_argument("--logged-prompts", type=int, default=None, metavar="N",
+                      help="rank: log a fresh batch of N prompts from that checkpoint instead of its queue")
+    rank.add_argument("--every-checkpoint", action="store_true",
+                      help="rank: every checkpoint of every run is a candidate (default: each run's final one)")
+
+
+USAGE = ("python -m workbench ope RUN_DIR [--checkpoint C] [--behavior-checkpoint M | --staleness S] [options]\n"
+         "       python -m workbench ope rank SWEEP_DIR [--k K] [--logged RUN_DIR] [--logged-update U] "
+         "[--logged-prompts N] [--every-checkpoint] [options]")
+RUN_ONLY = ("checkpoint", "behavior_checkpoint", "staleness", "prompts")
+RANK_ONLY = ("k", "logged", "logged_update", "logged_prompts", "every_checkpoint")
 
 
 def cli_main(args) -> int:
     """``python -m workbench ope``: returns the exit code."""
+    ranking = args.run_dir == "rank" and (args.sweep_dir is not None or not Path("rank").is_dir())
+    if args.sweep_dir is not None and not ranking:
+        raise WorkbenchError(f"sweep_dir={args.sweep_dir!r} is invalid after run_dir={args.run_dir!r}: expected "
+                             f"'ope RUN_DIR' or 'ope rank SWEEP_DIR'")
+    wrong = [f for f in (RUN_ONLY if ranking else RANK_ONLY) if getattr(args, f) not in (None, False)]
+    if wrong:
+        flag = "--" + wrong[0].replace("_", "-")
+        raise WorkbenchError(f"{flag}={getattr(args, wrong[0])} is invalid for 'ope {'rank SWEEP_DIR' if ranking else 'RUN_DIR'}': "
+                             f"it belongs to 'ope {'RUN_DIR' if ranking else 'rank SWEEP_DIR'}'")
+    if ranking:
+        return rank_main(args)
     names = check_estimators(None if args.estimators is None else list(split_values(args.estimators)))
     for flag in ("staleness", "prompts", "truth_prompts"):
         value = getattr(args, flag)
@@ -89,6 +132,27 @@ def cli_main(args) -> int:
     out = run_dir / f"ope-{pi_path.name}-vs-{mu_path.name}.parquet"
     atomic_write_parquet(table, out)
     print(f"table: {out}")
+    return 0
+
+
+def rank_main(args) -> int:
+    """``python -m workbench ope rank SWEEP_DIR``: rank, print, then write the table and the figure."""
+    if args.sweep_dir is None:
+        raise WorkbenchError("sweep_dir=None is invalid: expected 'ope rank SWEEP_DIR' (a sweep folder)")
+    names = None if args.estimators is None else list(split_values(args.estimators))
+    table = rank_sweep(args.sweep_dir, names, k=3 if args.k is None else args.k, logged=args.logged,
+                       logged_update=args.logged_update, logged_prompts=args.logged_prompts,
+                       every_checkpoint=args.every_checkpoint, truth_prompts=args.truth_prompts,
+                       confidence=args.confidence, seed=args.seed, min_ess_frac=args.min_ess_frac, log=print)
+    png = png_bytes(selection_chart_spec(table))  # rendered before anything is written
+    print(format_selection(table))
+    print(f"logged data: {table['logged'][0]}; J(pi_b) = its mean reward {table['behavior_value'][0]:.4f}; "
+          f"truths: fresh samples of each candidate at temperature {table['temperature'][0]:g} (Wilson, n = "
+          f"{table['truth_n'][0]})")
+    root = Path(args.sweep_dir)
+    atomic_write_parquet(table, root / FILE)
+    atomic_write_bytes(root / FIGURE, png)
+    print(f"table: {root / FILE}\nfigure: {root / FIGURE}")
     return 0
 
 
@@ -129,4 +193,4 @@ def _behavior_checkpoint(run_dir: Path, pi_path: Path, given: str | None, stalen
     return earlier[-1]
 
 
-__all__ = ["add_parser", "cli_main", "format_table"]
+__all__ = ["add_parser", "cli_main", "format_table", "rank_main"]
