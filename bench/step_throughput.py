@@ -1,6 +1,6 @@
 """Per-step cost of the workbench loop, and its overhead against a bare hand-written torch loop.
 
-    python bench/step_throughput.py [--steps 20] [--threads 2]
+    python bench/step_throughput.py [--steps 20] [--threads 2] [--mismatch-sample 4]
 
 Measures, on the built-in default (warm-started model, default batch), the median time per update
 split by step (generate / score / forward+loss (reweight) / backward+optimizer (update)), tokens/s,
@@ -8,7 +8,10 @@ and three ratios measured in this same run:
   - workbench step time / bare loop step time (the framework's overhead; the bare loop samples with
     its own KV-cache loop and applies the same PPO-clip update to the same model, with nothing
     else: no diagnostics, no buffer, no metrics);
-  - staleness 256 / staleness 0 steady-state step time (the queue must be nearly free);
+  - staleness 256 / staleness 0 steady-state step time (the queue must be nearly free), with the
+    diagnostics on: staleness 256 pays the forward that stores log pi_gen for ``mismatch_sample``
+    groups of each batch (``--mismatch-sample``, default the config's; 0 = the whole batch), printed
+    as its own median time;
   - the first (prefill) step at staleness 256, reported separately as a one-off cost.
 Prints ratios; asserts nothing (targets are read off the output, not timed tests).
 """
@@ -97,9 +100,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mismatch-sample", type=int, default=RunConfig.mismatch_sample,
+                    help="groups per batch whose log pi_gen staleness 256 measures (0 = every group)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = RunConfig(out_dir="", eval_every=10_000, threads=args.threads)
+    base = RunConfig(out_dir="", eval_every=10_000, threads=args.threads, mismatch_sample=args.mismatch_sample)
     task = build_task(base)
     model, tok = build_policy(base, task, log=lambda s: None)
     import copy
@@ -132,6 +137,10 @@ def main() -> None:
           f"-> overhead ratio {med(wb0) / med(bare):.3f}")
     print(f"staleness 256 / staleness 0 steady-state step time: {med(wb256) / med(wb0):.3f} "
           f"(one-off prefill step at 256: {wb256[0]:.1f} s)")
+    lp256 = run256.metrics["perf/time_trainer_logprobs"].to_list()
+    print(f"log pi_gen forward at staleness 256 (median s): {med(lp256):.4f} on mismatch_sample="
+          f"{base.mismatch_sample} groups ({min(base.mismatch_sample * base.group_size or base.batch_size, base.batch_size)} sequences) "
+          f"of each batch; the prefill's: {lp256[0]:.1f} s")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,14 @@ def test_clip_inert_with_recompute_even_when_stale():
     assert "clip_inert" not in codes(staleness=4, proximal="loglinear", correction="areal")
 
 
+def test_clip_inert_with_reuse_train_logp_always():
+    # the anchor is the update's own training forward: ratio 1 whatever the staleness
+    ws = [w for w in lint(RunConfig(staleness=4, proximal="reuse_train_logp", correction="areal")) if w.code == "clip_inert"]
+    assert [w.field for w in ws] == ["proximal"]
+    assert ws[0].message.startswith("proximal=reuse_train_logp anchors the ratio at this update's own training forward")
+    assert "clip_inert" not in codes(objective="reinforce", staleness=4, proximal="reuse_train_logp", correction="areal")
+
+
 def test_clip_inert_not_for_an_objective_that_ignores_the_behaviour_policy():
     assert "clip_inert" not in codes(objective="reinforce")
 
@@ -175,10 +183,18 @@ def test_truncated_support_without_correction(kw, field):
 
 # ---- decoupled_without_correction ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("proximal", ["recompute", "loglinear"])
+@pytest.mark.parametrize("proximal", ["recompute", "loglinear", "linear", "reuse_train_logp"])
 def test_decoupled_without_correction(proximal):
     assert "decoupled_without_correction" in codes(staleness=2, proximal=proximal)
     assert "decoupled_without_correction" not in codes(staleness=2, proximal=proximal, correction="areal")
+
+
+def test_decoupled_without_correction_states_areals_current_default():
+    # AReaL's default rejection_sampling=None applies no behaviour weight; upper=5.0 restores it (= areal)
+    [w] = [w for w in lint(RunConfig(staleness=2, proximal="recompute")) if w.code == "decoupled_without_correction"]
+    assert "AReaL's default rejection_sampling=None" in w.message and "always" not in w.message
+    assert w.message.endswith("use correction=areal (AReaL's rejection_sampling upper=5.0: the weight, tokens "
+                              "above 5 masked)")
 
 
 # ---- lag_exceeds_steps ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ on the transformers sampler: engine mismatch is float rounding there and drift i
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from workbench.config import RunConfig
+from workbench.errors import WorkbenchError
 from workbench.steps.generate import SamplingParams
 from workbench.policy.logprobs import token_logprobs
 from workbench.loop import Run
-from workbench.steps.reweight.mismatch import attach_trainer_logprobs, decompose, metrics
+from workbench.steps.reweight.mismatch import attach_trainer_logprobs, decompose, metrics, sampled_rows
 from workbench.policy.model import build_model
 from workbench.rollouts import Rollouts, concat
 
@@ -87,17 +89,20 @@ def test_measure_mismatch_off_skips_the_forward(tokenizer, tiny_model_config):
     assert df["mismatch/drift_mean"].is_null().to_list() == [False, True, True, True]
 
 
-def test_trainer_logprobs_survive_checkpoint_and_resume_exactly(tokenizer, tiny_model_config, tmp_path):
-    ref = make_run(tokenizer, tiny_model_config, staleness=2).run(5)
-    a = make_run(tokenizer, tiny_model_config, tmp_path, staleness=2, checkpoint_every=3)
+@pytest.mark.parametrize("sample", [4, 2])  # every group of SMALL's 4 (the default), and a subset (NaN rows queued)
+def test_trainer_logprobs_survive_checkpoint_and_resume_exactly(tokenizer, tiny_model_config, tmp_path, sample):
+    ref = make_run(tokenizer, tiny_model_config, staleness=2, mismatch_sample=sample).run(5)
+    a = make_run(tokenizer, tiny_model_config, tmp_path, staleness=2, checkpoint_every=3, mismatch_sample=sample)
     a.run(3)
     assert all(b.trainer_logprobs is not None for b, _ in a.buffer.queue)
     b = Run.resume(tmp_path / "r", model=build_model(tiny_model_config, tokenizer, seed=0), tokenizer=tokenizer,
                    log=lambda s: None)
     b.run(2)
     cols = [c for c in ref.columns if c.startswith("mismatch/")]
-    assert len(cols) == 20
+    assert len(cols) == 21  # 3 components x 6 statistics, engine_ppl_ratio, engine_share, sequences
     assert b.metrics.select(cols).equals(ref.select(cols))
+    # update 0 trains on a fresh batch (every row joins); the stale updates on the subset only
+    assert b.metrics["mismatch/sequences"].to_list() == [16.0] + [4.0 * sample] * 4
 
 
 def test_metrics_on_known_values():
@@ -140,3 +145,125 @@ def test_attach_and_concat_keep_trainer_logprobs(sampler, tiny_model, addition_t
     t, meta = both.to_state("q.")
     assert torch.equal(Rollouts.from_state(t, meta, "q.").trainer_logprobs, both.trainer_logprobs)
     assert concat([a1, r2]).trainer_logprobs is None  # partially measured batches are not mixed
+
+
+def _float64_split(lp, gen, beh, mask) -> dict[str, float]:
+    """The mismatch statistics written out from their formulas, float64, over the valid tokens."""
+    lp, gen, beh = (t.double() for t in (lp, gen, beh))
+    valid = mask > 0
+    parts = {"total": (lp - beh)[valid], "drift": (lp - gen)[valid], "engine": (gen - beh)[valid]}
+    out = {}
+    for name, x in parts.items():
+        rho = x.clamp(-20, 20).exp()
+        out.update({f"mismatch/{name}_mean": float(x.sum() / x.numel()), f"mismatch/{name}_abs_max": float(x.abs().max()),
+                    f"mismatch/{name}_abs_mean": float(x.abs().sum() / x.numel()),
+                    f"mismatch/{name}_m2": float((x**2).sum() / x.numel()),
+                    f"mismatch/{name}_k3": float((rho - 1 - x).sum() / x.numel()),
+                    f"mismatch/{name}_chi2": float((rho**2).sum() / x.numel() - 1)})
+    per_seq = [math.exp(float(((beh - gen)[i][valid[i]]).mean())) for i in range(len(lp)) if valid[i].any()]
+    out["mismatch/engine_ppl_ratio"] = sum(per_seq) / len(per_seq)
+    out["mismatch/engine_share"] = out["mismatch/engine_m2"] / (out["mismatch/engine_m2"] + out["mismatch/drift_m2"])
+    return out
+
+
+def test_subset_split_is_exact_on_its_subset(sampler, tiny_model, addition_task):
+    """Measured on 3 of 8 groups: the stored log pi_gen are the full measurement's on those rows, NaN
+    elsewhere, and every statistic equals the formula over exactly those rows of the full measurement."""
+    params = SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=6)  # truncated support: engine mismatch
+    batch = sampler.generate(addition_task.sample(random.Random(4), 8), 4, params,
+                             generator=torch.Generator().manual_seed(4), policy_version=2)
+    full = attach_trainer_logprobs(tiny_model, batch, 1.0)
+    sub = attach_trainer_logprobs(tiny_model, batch, 1.0, groups=3, seed=11)
+    rows = sampled_rows(batch, 3, 11)  # [b]
+    picked = set(batch.group_id[rows].tolist())
+    assert len(picked) == 3 and len(rows) == 12  # three whole groups of 4
+    out = torch.ones(len(batch), dtype=torch.bool)
+    out[rows] = False
+    assert torch.isnan(sub.trainer_logprobs[out]).all() and not torch.isnan(sub.trainer_logprobs[rows]).any()
+    assert torch.allclose(sub.trainer_logprobs[rows], full.trainer_logprobs[rows], rtol=0, atol=1e-6)
+    moved = copy.deepcopy(tiny_model)  # the trainer a few updates later: drift
+    with torch.no_grad():
+        for i, p in enumerate(moved.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        lp, _ = token_logprobs(moved, batch, temperature=1.0)  # [B, T]
+    got = metrics(lp, sub, policy_version=5)  # staleness 3: no row is fresh
+    want = _float64_split(lp[rows], full.trainer_logprobs[rows], batch.behavior_logprobs[rows], batch.response_mask[rows])
+    assert got["mismatch/sequences"] == 12.0
+    assert want["mismatch/engine_abs_max"] > 1e-2 and want["mismatch/drift_abs_max"] > 1e-2  # both parts are real
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert got["mismatch/total_mean"] == pytest.approx(got["mismatch/drift_mean"] + got["mismatch/engine_mean"],
+                                                       rel=0, abs=1e-12)
+    whole = metrics(lp, full, policy_version=5)
+    assert whole["mismatch/sequences"] == 32.0 and whole["mismatch/drift_m2"] != got["mismatch/drift_m2"]
+
+
+def test_sampled_rows_are_a_seeded_draw_of_whole_groups(sampler, tiny_model, addition_task):
+    params = SamplingParams(temperature=1.0, max_new_tokens=4)
+    batch = sampler.generate(addition_task.sample(random.Random(5), 6), 2, params,
+                             generator=torch.Generator().manual_seed(5), policy_version=0)
+    assert sampled_rows(batch, 0, 1) is None and sampled_rows(batch, 6, 1) is None and sampled_rows(batch, 9, 1) is None
+    picks = set()
+    for version in range(8):
+        b = batch.with_(policy_version=torch.full_like(batch.policy_version, version))
+        rows = sampled_rows(b, 2, 1)
+        assert torch.equal(rows, sampled_rows(b, 2, 1))  # the same (seed, version): the same rows
+        assert rows.tolist() == sorted(rows.tolist()) and len(rows) == 4
+        groups = batch.group_id[rows]
+        assert all(int((batch.group_id == g).sum()) == int((groups == g).sum()) for g in groups.tolist())
+        picks.add(tuple(groups.unique().tolist()))
+    assert len(picks) > 1  # the version reseeds the draw
+
+
+def test_fresh_rows_outside_the_subset_join_the_split():
+    """Rows with no stored log pi_gen but generated by the update's own version: pi_gen = pi_theta."""
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # [3, 2]
+    f64 = dict(dtype=torch.float64)  # the hand-computed sums below are float64 too
+    beh = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-0.3, -0.1]], **f64)
+    cur = torch.tensor([[-1.2, -2.5], [-0.1, 0.0], [-0.2, -0.4]], **f64)
+    gen = torch.tensor([[-1.1, -2.0], [float("nan")] * 2, [float("nan")] * 2], **f64)
+    batch = Rollouts(prompt_ids=torch.ones(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.long),
+                     response_ids=torch.ones(3, 2, dtype=torch.long), response_mask=mask, behavior_logprobs=beh,
+                     policy_version=torch.tensor([0, 1, 0]), group_id=torch.tensor([0, 1, 2]), trainer_logprobs=gen)
+    m = metrics(cur, batch, policy_version=1)  # row 1 is fresh, row 2 is stale and unmeasured
+    assert m["mismatch/sequences"] == 2.0
+    drift = [-0.1, -0.5, 0.0]  # row 0: cur - gen; row 1: 0 (fresh)
+    engine = [-0.1, 0.0, 0.4]  # row 0: gen - beh; row 1: cur - beh
+    assert m["mismatch/drift_m2"] == pytest.approx(sum(d * d for d in drift) / 3, rel=1e-12)
+    assert m["mismatch/engine_mean"] == pytest.approx(sum(engine) / 3, rel=1e-12)
+    assert m["mismatch/total_abs_max"] == pytest.approx(0.5, rel=1e-12)
+    stale = metrics(cur, batch, policy_version=2)  # no fresh row: the measured row 0 only
+    assert stale["mismatch/sequences"] == 1.0 and stale["mismatch/drift_abs_max"] == pytest.approx(0.5, rel=1e-12)
+    empty = metrics(cur, batch.with_(trainer_logprobs=torch.full((3, 2), float("nan"))), policy_version=2)
+    assert empty["mismatch/sequences"] == 0.0 and math.isnan(empty["mismatch/drift_mean"])
+
+
+def test_a_sampled_subset_leaves_training_unchanged_and_is_deterministic(tokenizer, tiny_model_config):
+    kw = dict(prompts_per_step=8, staleness=2)
+    full = make_run(tokenizer, tiny_model_config, mismatch_sample=0, **kw).run(4)
+    a = make_run(tokenizer, tiny_model_config, mismatch_sample=2, **kw).run(4)
+    b = make_run(tokenizer, tiny_model_config, mismatch_sample=2, **kw).run(4)
+    assert a.drop([c for c in a.columns if c.startswith("perf/")]).equals(
+        b.drop([c for c in b.columns if c.startswith("perf/")]))
+    same = [c for c in a.columns if not c.startswith(("perf/", "mismatch/"))]
+    assert a.select(same).equals(full.select(same))  # the subset draws from no run RNG stream
+    # update 0 trains on a fresh batch (all 32 rows); later ones on stale batches: 2 groups x 4
+    assert a["mismatch/sequences"].to_list() == [32.0, 8.0, 8.0, 8.0]
+    assert full["mismatch/sequences"].to_list() == [32.0] * 4
+    assert (a["perf/time_trainer_logprobs"] > 0).all()
+
+
+@pytest.mark.parametrize("value, expected", [
+    (-1, "mismatch_sample=-1 is invalid: expected an integer >= 0 (groups per batch whose trainer log-probs are "
+         "measured; 0 = every group)"),
+    (True, "mismatch_sample=True is invalid: expected an integer, not a bool"),
+    (2.5, "mismatch_sample=2.5 is invalid: expected an integer"),
+])
+def test_mismatch_sample_bad_values_are_one_line_errors(value, expected):
+    with pytest.raises(WorkbenchError) as e:
+        RunConfig(mismatch_sample=value)
+    assert str(e.value) == expected
+
+
+def test_mismatch_sample_default_and_zero_are_valid():
+    assert RunConfig().mismatch_sample == 4 and RunConfig(mismatch_sample=0).mismatch_sample == 0

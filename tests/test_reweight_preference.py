@@ -5,7 +5,9 @@ groups and pairs, ``math`` only; it never calls the code under test) gives the l
 gradient of every objective; the code must match it to 1e-6 relative on random batches with masked
 tokens, log-ratios up to +-50, groups with ties, all-equal groups, a group of one and an empty row. It
 also gives the hand-computed rows on the 2x3 example that test_reweight_objectives.py runs (CASES,
-EXTRA_CASES, METRICS, GRADIENTS). Then: ties and all-equal groups give no pair and exactly zero gradient,
+EXTRA_CASES, METRICS, GRADIENTS). CoPG is also checked in the paper's own terms (per-sample regularised
+rewards R(y) - beta ln(pi(y)/pi_ref(y)) and the squared contrast of a pair) and against its IPO special
+case. Then: ties and all-equal groups give no pair and exactly zero gradient,
 pair counts, one-line errors, and a tiny training run with objective=online_dpo.
 """
 
@@ -225,6 +227,58 @@ def test_loss_and_gradient_match_the_independent_float64_reference(name, params,
     assert (lp.grad[5:] == 0).all()  # the row without tokens, the all-equal group, the group of one
     pairs = ref_pairs(rewards.tolist(), groups.tolist(), b["lengths"], params.get("pairs", "best_worst"))
     assert metrics["pref/pairs"] == len(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# CoPG in the paper's own terms: per-sample regularised rewards, the squared contrast of a pair
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta, pairs, reference", [(0.1, "best_worst", "initial"), (0.37, "all", "behaviour"),
+                                                    (2.0, "all", "initial")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_copg_is_the_papers_squared_contrast_of_regularised_rewards(beta, pairs, reference, seed):
+    """Flet-Berliac et al. 2024 (arXiv:2406.19185): R_b(y) = R(y) - beta ln(pi(y)/pi_ref(y)) per sample and
+    l(y_w, y_l) = (R_b(y_w) - R_b(y_l))^2 (Command A, arXiv:2504.00698, k = 2); the loss is the mean over
+    pairs (seq-mean-token-mean, the family's default), and d l / d log pi(y_t) = -2 beta (R_b(y) - R_b(y'))
+    for every token of y (y' the other sample)."""
+    lp, beh, ref, mask, rewards, groups = random_case(seed, 1.0)
+    lp.requires_grad_(True)
+    pi_ref = beh if reference == "behaviour" else ref
+    loss, metrics = policy_loss("copg", lp, beh, torch.zeros(9, dtype=F64), mask,
+                                context={"group_id": groups, "rewards": rewards, "ref_logprobs": ref},
+                                aggregation="seq-mean-token-mean", beta=beta, pairs=pairs, reference=reference)
+    loss.backward()
+    n, t = lp.shape
+    valid = [[j for j in range(t) if mask[i, j] > 0] for i in range(n)]
+    reg = [float(rewards[i]) - beta * sum(float(lp[i, j].detach()) - float(pi_ref[i, j]) for j in valid[i])
+           for i in range(n)]  # R_b(y_i)
+    pl = ref_pairs(rewards.tolist(), groups.tolist(), [len(v) for v in valid], pairs)
+    want_loss, row_grad = 0.0, [0.0] * n
+    for w, l in pl:
+        diff = reg[w] - reg[l]
+        want_loss += diff * diff / len(pl)
+        row_grad[w] += -2.0 * beta * diff / len(pl)  # d diff / d log pi(y_w,t) = -beta
+        row_grad[l] += 2.0 * beta * diff / len(pl)
+    want_grad = torch.tensor([[row_grad[i] if j in valid[i] else 0.0 for j in range(t)] for i in range(n)], dtype=F64)
+    assert pl and float(loss.detach()) == pytest.approx(want_loss, rel=1e-6)
+    torch.testing.assert_close(lp.grad, want_grad, rtol=1e-6, atol=1e-12)
+    assert metrics["copg/residual_mean"] == pytest.approx(sum(reg[w] - reg[l] for w, l in pl) / len(pl), rel=1e-6)
+
+
+def test_copg_with_reward_gap_one_half_is_ipo_times_tau_squared():
+    """The paper's IPO special case: r_w - r_l = 1/2, beta = tau gives tau^2 (z - 1/(2 tau))^2."""
+    lp, beh, ref, mask, _, groups = random_case(3, 1.0)
+    rewards = torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0], dtype=F64)  # every pair: gap 1/2
+    tau = 0.25
+    out = {}
+    for name, params in (("copg", {"beta": tau}), ("ipo", {"tau": tau})):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = policy_loss(name, x, beh, torch.zeros(9, dtype=F64), mask,
+                              aggregation="seq-mean-token-mean",
+                              context={"group_id": groups, "rewards": rewards, "ref_logprobs": ref}, **params)
+        loss.backward()
+        out[name] = (float(loss.detach()), x.grad)
+    assert out["copg"][0] == pytest.approx(tau ** 2 * out["ipo"][0], rel=1e-9) and out["ipo"][0] > 0
+    torch.testing.assert_close(out["copg"][1], tau ** 2 * out["ipo"][1], rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -24,6 +24,7 @@ from workbench.steps.replay import check_source
 from workbench.steps.reweight.aggregate import AGGREGATIONS
 from workbench.steps.reweight.core import OBJECTIVES, validate_params
 from workbench.steps.reweight.corrections import PROXIMAL_MODES, make_correction
+from workbench.steps.reweight.proximal import check_reuse_train_logp
 from workbench.steps.reweight.kl import KL_ESTIMATORS
 from workbench.steps.score import ADVANTAGES, REWARDS, validate_advantage_params
 from workbench.tasks import TASKS
@@ -103,7 +104,9 @@ class RunConfig:
     sampler_params: dict[str, Any] = field(default_factory=dict)
     """Engine options for sampler=vllm, e.g. ``{"dtype": "bfloat16", "gpu_memory_utilization": 0.3}`` (workbench.steps.generate.vllm_sampler.OPTIONS)."""
     measure_mismatch: bool = True
-    """Store the trainer's log-probs of each batch that is consumed after an update (staleness, sync_every, reuse): one no-grad forward at generation, ~1/4 of a step, for the mismatch/ metrics (engine vs trainer, drift / engine split); batches consumed at once need none."""
+    """Store the trainer's log-probs of each batch that is consumed after an update (staleness, sync_every, reuse): one no-grad forward at generation over mismatch_sample groups, for the mismatch/ metrics (engine vs trainer, drift / engine split); batches consumed at once need none."""
+    mismatch_sample: int = 4
+    """Groups per generated batch whose trainer log-probs measure_mismatch stores (a seeded uniform draw; the mismatch/ split is exact on them, mismatch/sequences counts them); 0 = every group. 4 keeps staleness 256 within 1.05x of staleness 0 on the default batch (bench/step_throughput.py; the whole batch cost 1.24-1.28x)."""
 
     # --- score ---
     rewards: tuple[tuple, ...] = (("exact_match", 1.0),)
@@ -152,7 +155,8 @@ class RunConfig:
     proximal: str = "none"
     """Proximal policy of decoupled PPO: none (two-policy bypass) | recompute (trainer forward at
     the start of each update) | loglinear (AReaL interpolation in log space, no forward) | linear (AReaL's
-    interpolation in probability space)."""
+    interpolation in probability space) | reuse_train_logp (AReaL: the training forward's own log-probs,
+    detached; one update per batch only)."""
 
     # --- update ---
     lr: float = 2e-4
@@ -228,6 +232,9 @@ class RunConfig:
                "'' | 'tokenizer' | a Jinja template | a template file")
         _check(self.autocast in AUTOCAST_MODES, "autocast", self.autocast, "'' (exact) | bf16 | fp16")
         _check(isinstance(self.measure_mismatch, bool), "measure_mismatch", self.measure_mismatch, "true or false")
+        _check(isinstance(self.mismatch_sample, int) and not isinstance(self.mismatch_sample, bool)
+               and self.mismatch_sample >= 0, "mismatch_sample", self.mismatch_sample,
+               "an integer >= 0 (groups per batch whose trainer log-probs are measured; 0 = every group)")
         _check(self.aggregation in ("",) + AGGREGATIONS, "aggregation", self.aggregation, " | ".join(AGGREGATIONS))
         _check(isinstance(self.loss_scale_factor, (int, float)) and not isinstance(self.loss_scale_factor, bool)
                and 0 <= self.loss_scale_factor < float("inf"), "loss_scale_factor", self.loss_scale_factor,
@@ -283,6 +290,9 @@ class RunConfig:
         chunked = 0 < self.micro_batch_size < self.batch_size // self.num_minibatches  # micro-batched minibatches
         _check(not (self.alp_scale and (chunked or self.compile)), "alp_scale", self.alp_scale,
                "0 with micro_batch_size in (0, minibatch size) or compile=true (ALP needs one piece, eager)")
+        if self.proximal == "reuse_train_logp":  # one update per batch and the plain policy's forward
+            check_reuse_train_logp(self.updates_per_batch, self.num_minibatches, self.alp_scale,
+                                   self.lora.get("dropout", 0.0))
 
     @property
     def batch_size(self) -> int:

@@ -22,6 +22,8 @@ checks (each cites the upstream issue reports it comes from):
     ``proximal="recompute"`` with one update per batch: the anchor is the policy at the start of the
     batch, which is then the policy being updated, so the ratio is 1 regardless of staleness (the
     trust region is only the correction's cap; reuse, epochs x minibatches, is what lets it act).
+    ``proximal="reuse_train_logp"`` always: the anchor is the update's own training forward (it is
+    refused with reuse), so the ratio is 1 by construction.
 ``double_correction``
     An importance weight applied twice: in bypass mode (no proximal policy) the objective's ratio is
     already pi_theta / mu, and a correction with a TIS weight multiplies it again (~ rho^2; verl
@@ -45,7 +47,12 @@ checks (each cites the upstream issue reports it comes from):
     pi_theta / mu < 1 on every sampled token (verl #6240, TRL #4159 / PR #7269).
 ``decoupled_without_correction``
     A proximal policy anchors the ratio but no correction weights pi_prox / mu: the behaviour
-    mismatch is silently dropped (AReaL always applies the capped behaviour weight; use ``areal``).
+    mismatch is silently dropped. AReaL's current default does the same (``rejection_sampling=None``:
+    ``ppo_actor_loss_fn`` multiplies by no behaviour weight, and ``PPOActorConfig`` warns that
+    staleness filtering is off); its removed default ``behave_imp_weight_cap=5.0`` with
+    ``token_mask`` applied the weight with tokens above 5 masked, which ``rejection_sampling``
+    (level token, action mask, metric ratio, upper 5.0) restores: correction ``areal`` here
+    (``areal_clamp`` for action clamp).
 ``lag_exceeds_steps``
     ``staleness + sync_every >= steps`` (in batches of ``updates_per_batch * num_minibatches``
     updates): the first sync generates that many batches with the initial weights before the first
@@ -171,7 +178,13 @@ def lint(config: RunConfig) -> list[LintWarning]:
     # clip_inert ---------------------------------------------------------------------------------
     if not ignores_behavior(obj):
         tail = " (it trains as REINFORCE)" if meta.get("reduces_to_reinforce") else ""
-        if cfg.proximal == "recompute" and cfg.updates_per_batch * cfg.num_minibatches == 1:
+        if cfg.proximal == "reuse_train_logp":  # one update per batch by validation
+            warn("clip_inert", "proximal",
+                 f"proximal=reuse_train_logp anchors the ratio at this update's own training forward: "
+                 f"pi_theta/pi_prox is identically 1 and {obj}'s clipping/masking never acts{tail}; the only "
+                 f"trust region left is the correction's cap on pi_prox/mu (use proximal=recompute with "
+                 f"updates_per_batch or num_minibatches > 1 for the clip to act)")
+        elif cfg.proximal == "recompute" and cfg.updates_per_batch * cfg.num_minibatches == 1:
             warn("clip_inert", "proximal",
                  f"proximal=recompute anchors the ratio at the policy at the start of the batch, and with one "
                  f"update per batch that is the policy being updated: pi_theta/pi_prox is identically 1 and "
@@ -188,7 +201,7 @@ def lint(config: RunConfig) -> list[LintWarning]:
         warn("double_correction", "correction",
              f"bypass mode: {obj}'s ratio is already pi_theta/mu, and correction={cfg.correction} multiplies "
              f"the loss by another {corr.weight} TIS weight min(pi_theta/mu, {corr.cap:g}) (~ rho^2); use a "
-             f"rejection-only correction (geo_rs, k3_rs), objective=reinforce, or proximal=recompute/loglinear/linear")
+             f"rejection-only correction (geo_rs, k3_rs), objective=reinforce, or a proximal policy (proximal=recompute, ...)")
     if weighted and cfg.proximal != "none" and meta.get("behavior_weighted", False):
         warn("double_correction", "correction",
              f"{obj} already weights each token by pi/mu from the behaviour log-probs, and the decoupled "
@@ -245,7 +258,8 @@ def lint(config: RunConfig) -> list[LintWarning]:
     if cfg.proximal != "none" and corr is None:
         warn("decoupled_without_correction", "correction",
              f"proximal={cfg.proximal} anchors the ratio at pi_prox but no correction weights pi_prox/mu: the "
-             f"behaviour mismatch is dropped; use correction=areal (AReaL's capped behaviour weight)")
+             f"behaviour mismatch is dropped (as with AReaL's default rejection_sampling=None, which warns); "
+             f"use correction=areal (AReaL's rejection_sampling upper=5.0: the weight, tokens above 5 masked)")
 
     # lag_exceeds_steps -----------------------------------------------------------------------------
     units = cfg.updates_per_batch * cfg.num_minibatches  # the buffer counts batches of `units` updates

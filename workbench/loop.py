@@ -40,7 +40,8 @@ from workbench.steps.buffer import StalenessBuffer, SyncStopped
 from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
 from workbench.steps.reweight.core import Objective, resolve_objective
 from workbench.steps.score import score
-from workbench.steps.update import build_optimizer, expert_batch, generating_logprobs, lr_multiplier, proximal_logprobs, update_step
+from workbench.steps.reweight.mismatch import attach_trainer_logprobs
+from workbench.steps.update import build_optimizer, expert_batch, lr_multiplier, proximal_logprobs, update_step
 
 Hook = Callable[["Run", dict[str, Any]], None]
 MAX_NONFINITE_STREAK = 5  # consecutive skipped (non-finite) updates before the run stops with an error
@@ -217,7 +218,7 @@ class Run:
         return rollouts, stats
 
     def _generate_and_score(self) -> tuple[Rollouts, dict[str, float]]:
-        """The buffer's producer: ``sample()``, plus log pi_gen when the batch is consumed later."""
+        """The buffer's producer: ``sample()``, plus log pi_gen of ``mismatch_sample`` groups when the batch is consumed later."""
         cfg, kn = self.config, self.knobs.applied
         rollouts, stats = self.sample()
         # log pi_gen, stored while the trainer holds the generating weights; a batch consumed at once
@@ -226,7 +227,8 @@ class Run:
                  or self.buffer.source.capacity_sequences(1) > 0)  # a replay store keeps batches for later
         if cfg.measure_mismatch and later and len(rollouts):
             t2 = time.perf_counter()
-            rollouts = generating_logprobs(self.model, rollouts, kn.temperature, cfg.autocast)  # trainer precision
+            rollouts = attach_trainer_logprobs(self.model, rollouts, kn.temperature, groups=cfg.mismatch_sample,
+                                               seed=cfg.seed, autocast=cfg.autocast)  # a sampled subset (mismatch.py)
             self._timing["perf/time_trainer_logprobs"] += time.perf_counter() - t2
         return rollouts, stats
 

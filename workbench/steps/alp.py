@@ -28,7 +28,7 @@ Choices made here, where the paper leaves room or its details are not recalled e
   perturbed forward); sampling, the no-grad proximal / reference forwards, CHORD's expert forward
   and evaluation see the plain model. ``perturbed`` removes them on exit, also on error.
 - The adversarial loss is the objective's policy loss only (no KL / entropy terms), on the update's
-  proximal log-probs when it has them (with ``proximal='loglinear'``, computed from the perturbed
+  proximal log-probs when it has them (with ``proximal='loglinear'`` or ``'linear'``, computed from the perturbed
   forward, it has none yet: that pass uses the two-policy form), with a copy of the run's objective
   state so a stateful objective advances once per update.
 

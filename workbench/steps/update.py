@@ -42,11 +42,11 @@ from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
 from workbench.steps.alp import adversarial_deltas, delta_metrics, perturbed
 from workbench.steps.reweight.core import Objective, resolve_objective
-from workbench.steps.reweight.corrections import loglinear_proximal
+from workbench.steps.reweight.proximal import resolve_proximal
 from workbench.steps.reweight.aggregate import aggregate
 from workbench.steps.reweight.kl import kl_penalty, kl_term  # noqa: F401  (kl_penalty: re-exported)
 from workbench.steps.reweight.loss import policy_loss
-from workbench.steps.reweight.mismatch import attach_trainer_logprobs, metrics as mismatch_metrics
+from workbench.steps.reweight.mismatch import metrics as mismatch_metrics
 from workbench.tasks import Example, Task
 
 
@@ -77,13 +77,6 @@ def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: floa
     """
     with autocast_context(autocast, model):
         return frozen_logprobs(model, batch, temperature).float()  # [B, T]
-
-
-def generating_logprobs(model: torch.nn.Module, rollouts: Rollouts, temperature: float, autocast: str = "") -> Rollouts:
-    """``rollouts`` with log pi_gen attached (``mismatch.attach_trainer_logprobs``) under the trainer's
-    precision, so a bf16 trainer's rounding lands in engine mismatch, not in drift."""
-    with autocast_context(autocast, model):
-        return attach_trainer_logprobs(model, rollouts, temperature)
 
 
 def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
@@ -264,7 +257,8 @@ def update_step(
     updates_per_batch or num_minibatches > 1, that is not the policy at the start of the batch) and
     the ratio pi_theta / pi_prox is 1 in value at this single optimizer step; ``loglinear``
     approximates it without a forward pass from the versions (needs ``policy_version``, the
-    version at the start of this update; ``reweight.corrections.loglinear_proximal``).
+    version at the start of this update); ``reuse_train_logp`` (AReaL) takes this update's own
+    training forward, detached (``reweight.proximal.resolve_proximal``).
     ``loss_scale_factor`` is the fixed normaliser of seq-mean-token-sum-norm (None = mask width).
     The entropy bonus and the KL penalty (``kl_estimator``; ``kl_is_corrected`` weights each token
     by pi_theta / mu, ``reweight.kl``) are reduced like the policy loss: the same aggregation and
@@ -331,14 +325,9 @@ def update_step(
         else:
             with perturbed(model, deltas):  # no hooks when ALP is off
                 logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
-        if proximal in ("loglinear", "linear"):
-            if policy_version is None:
-                raise WorkbenchError(f"proximal={proximal!r} needs policy_version (the version at the start of the update)")
-            prox, alpha = loglinear_proximal(logprobs, batch.behavior_logprobs, batch.policy_version, policy_version,
-                                             mask, mode=proximal)  # [B, T], [B]
-            extra["correction/prox_alpha_mean"] = float(alpha.mean()) if alpha.numel() else float("nan")
-        elif proximal not in ("none", "recompute"):
-            raise WorkbenchError(f"proximal={proximal!r} is invalid: expected none | recompute | loglinear | linear")
+        prox, prox_metrics = resolve_proximal(proximal, logprobs, prox, batch.behavior_logprobs, batch.policy_version,
+                                              policy_version, mask)  # [B, T] or None (reweight/proximal.py)
+        extra.update(prox_metrics)
         if ctx is None:
             ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
                                ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)

@@ -20,10 +20,26 @@ log pi_gen, drift is exactly 0 and ``metrics`` uses them. A batch consumed later
 generation, when the trainer holds exactly the generating weights (always true in workbench: the
 buffer generates every batch with the current weights and delays it, ``workbench.steps.buffer``): one
 no-grad forward stores log pi_gen as ``Rollouts.trainer_logprobs`` (kept through the buffer and
-checkpoints). The loop does that when ``RunConfig.measure_mismatch`` (default on; measured on the
-default model, 256 sequences: ~0.3 s per generated batch on one CPU thread, about a quarter of a
-training step, and nothing at staleness 0). With ``TransformersSampler`` (same model object, full
-distribution) engine mismatch is float rounding (~1e-7) and drift is all of it.
+checkpoints). The loop does that when ``RunConfig.measure_mismatch`` (default on). With
+``TransformersSampler`` (same model object, full distribution) engine mismatch is float rounding
+(~1e-7) and drift is all of it.
+
+The measured subset (``RunConfig.mismatch_sample`` = k groups per generated batch, 0 = all). The
+forward over a whole batch (256 sequences on the default model) was a fifth to a quarter of a
+training step, paid on every step of a stale run (``bench/step_throughput.py``: staleness 256 ran at
+1.24-1.28x the step time of staleness 0). Chosen by measurement over the alternatives: skipping it
+where log pi_gen "equals" log mu is not provable (the sampler's KV-cache decode and the trainer's full
+forward round differently, ~1e-7, and that rounding is what ``engine`` measures); fusing it into the
+update's forward would backpropagate through rows outside the loss. So ``sampled_rows`` picks k whole
+groups of each batch with a generator seeded from (``seed``, the batch's version) alone: no run RNG
+stream is touched, a resumed run picks the same rows, and the pick is a uniform random subset of the
+batch's groups. Only those rows get the forward; the others hold NaN in ``trainer_logprobs``, and
+``metrics`` computes every component (total included) on the measured rows only, so on that subset
+drift + engine == total exactly and ``mismatch/sequences`` says how many sequences the split covers
+(rows outside the subset that the update's own version generated join it: log pi_gen is free there). The full-batch log-ratio the objective
+sees stays in ``offpolicy/*``. The statistics are those of a sample: means are unbiased estimates of
+the batch's token-weighted means over groups (a group's tokens are not independent), ``abs_max`` is the
+subset's maximum (a lower bound of the batch's).
 
 Metrics (``metrics``; per update over valid tokens; "x" is the log-ratio of a component, rho = e^x
 clamped to exp(+-20)):
@@ -38,6 +54,8 @@ clamped to exp(+-20)):
                                             exp(mean_t (log mu - log pi_gen)) (verl's ppl ratio)
     mismatch/engine_share                   engine_m2 / (drift_m2 + engine_m2): which source the
                                             objective is fighting (nan when both are 0)
+    mismatch/sequences                      sequences of the update's batch the split is over (the
+                                            measured subset; nan statistics when it is 0)
 Engine-vs-trainer numbers (``mismatch/engine_*``) are the usual sampler-vs-trainer measures: max/mean
 |delta logp|, k3 KL, perplexity ratio, token chi^2 (docs/design.md, "Diagnostics").
 
@@ -48,19 +66,43 @@ from __future__ import annotations
 
 import torch
 
+from workbench.policy.fast_path import autocast_context
 from workbench.policy.logprobs import frozen_logprobs
 from workbench.rollouts import Rollouts
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
 
 COMPONENTS = ("total", "drift", "engine")
+_SEED_MIX = 1_000_003  # a prime: (seed, version) pairs map to distinct generator seeds
 
 
-def attach_trainer_logprobs(model, rollouts: Rollouts, temperature: float) -> Rollouts:
+def sampled_rows(rollouts: Rollouts, groups: int, seed: int) -> torch.Tensor | None:
+    """Rows of the ``groups`` groups whose log pi_gen is measured, ascending [b] long; None = every row
+    (``groups`` 0, or at least the batch's group count). The groups are a uniform draw without
+    replacement, from a generator seeded by ``seed`` and the batch's (newest) policy version only."""
+    ids = torch.unique(rollouts.group_id)  # [G] sorted
+    if groups <= 0 or groups >= len(ids):
+        return None
+    version = int(rollouts.policy_version.max()) if len(rollouts) else 0
+    gen = torch.Generator().manual_seed((int(seed) * _SEED_MIX + version) % (1 << 63))
+    picked = ids[torch.randperm(len(ids), generator=gen)[:groups]]  # [groups]
+    return torch.isin(rollouts.group_id, picked).nonzero(as_tuple=True)[0]  # [b]
+
+
+def attach_trainer_logprobs(model, rollouts: Rollouts, temperature: float, *, groups: int = 0, seed: int = 0,
+                            autocast: str = "") -> Rollouts:
     """``rollouts`` with ``trainer_logprobs`` = the model's log-probs of the sampled tokens (no grad,
-    fp32, CPU, zeros at padding), at the sampling ``temperature``. Call it while ``model`` holds the
-    weights that generated the batch."""
-    lp = frozen_logprobs(model, rollouts, temperature)  # [B, T]
-    return rollouts.with_(trainer_logprobs=lp.float().cpu())
+    fp32, CPU, zeros at padding), at the sampling ``temperature``, under the trainer's ``autocast``
+    (so a bf16 trainer's rounding lands in engine mismatch, not in drift). Call it while ``model``
+    holds the weights that generated the batch. ``groups`` > 0 measures only the rows of
+    ``sampled_rows``; the other rows hold NaN (module doc, "The measured subset")."""
+    rows = sampled_rows(rollouts, groups, seed)
+    with autocast_context(autocast, model):
+        if rows is None:
+            return rollouts.with_(trainer_logprobs=frozen_logprobs(model, rollouts, temperature).float().cpu())
+        part = frozen_logprobs(model, rollouts.select(rows), temperature).float().cpu()  # [b, T]
+    full = torch.full(tuple(rollouts.response_mask.shape), float("nan"))  # [B, T]
+    full[rows] = part
+    return rollouts.with_(trainer_logprobs=full)
 
 
 def decompose(logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
@@ -99,16 +141,26 @@ def metrics(logprobs: torch.Tensor, batch: Rollouts, policy_version: int | None 
     """The ``mismatch/`` metrics of one update. ``logprobs`` [B, T] are the current policy's (what
     the objective sees); ``policy_version`` is the version at the start of the update. log pi_gen is
     ``batch.trainer_logprobs``, or ``logprobs`` themselves when every row was generated by
-    ``policy_version`` (staleness 0); otherwise there is nothing to split and the result is empty."""
+    ``policy_version`` (staleness 0); otherwise there is nothing to split and the result is empty.
+    Rows whose ``trainer_logprobs`` hold NaN were not measured (outside the sampled subset): those
+    generated by ``policy_version`` take ``logprobs`` as log pi_gen as above, the rest are left out;
+    every statistic is over the rows kept (``mismatch/sequences``), where drift + engine == total exactly."""
     gen = batch.trainer_logprobs
     if gen is None:
         if policy_version is None or not bool((batch.policy_version == int(policy_version)).all()):
             return {}
         gen = logprobs
-    mask = batch.response_mask
+    gen = gen.detach().to(logprobs.device)
+    measured = ~torch.isnan(gen).any(-1)  # [B] rows with log pi_gen (NaN rows: outside the subset)
+    if policy_version is not None and not bool(measured.all()):  # rows fresh at this update: pi_gen is pi_theta
+        fresh = (batch.policy_version == int(policy_version)).to(gen.device) & ~measured  # [B]
+        gen = torch.where(fresh[:, None], logprobs.detach().to(gen.dtype), gen)  # [B, T]
+        measured = measured | fresh
+    measured = measured.cpu()
+    mask = batch.response_mask * measured.to(batch.response_mask.device, batch.response_mask.dtype)[:, None]  # [B, T]
     parts = decompose(logprobs, gen, batch.behavior_logprobs, mask)
     valid = mask.to(parts["total"].device) > 0  # [B, T]
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"mismatch/sequences": float(measured.sum())}
     for name in COMPONENTS:
         for stat, value in _stats(parts[name], valid).items():
             out[f"mismatch/{name}_{stat}"] = value
@@ -125,4 +177,4 @@ def metrics(logprobs: torch.Tensor, batch: Rollouts, policy_version: int | None 
     return out
 
 
-__all__ = ["COMPONENTS", "attach_trainer_logprobs", "decompose", "metrics"]
+__all__ = ["COMPONENTS", "attach_trainer_logprobs", "decompose", "metrics", "sampled_rows"]

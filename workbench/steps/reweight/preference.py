@@ -52,10 +52,16 @@ key, and the objective itself names the option (``<name>.reference='initial'``, 
   exactly 1, the property the paper's alignment is built for. Not normalised over the batch (the paper
   and TRL multiply the pair losses by the weights and take the mean).
 - ``copg`` (Flet-Berliac et al. 2024, "Contrastive Policy Gradient: Aligning LLMs on sequence-level
-  scores in a supervised-friendly fashion", arXiv:2406.19185): with the regularised reward
-  R_b(y) = R(y) - beta h(y), l = (R_b(y_w) - R_b(y_l))^2 = ((r_w - r_l) - beta z)^2. Its gradient,
-  -2 beta [(r_w - r_l) - beta z] (grad log pi(y_w) - grad log pi(y_l)), is a policy gradient with the
-  other sample as baseline and needs no importance ratio, hence valid on off-policy pairs; with
+  scores in a supervised-friendly fashion", arXiv:2406.19185, EMNLP 2024): the paper's supervised-friendly
+  squared loss on one pair, in its unscaled form: with the regularised reward
+  R_b(y) = R(y) - beta ln(pi(y) / pi_ref(y)) = R(y) - beta h(y) (sequence level),
+  l = (R_b(y_w) - R_b(y_l))^2 = ((r_w - r_l) - beta z)^2, no 1/2, 1/beta or 1/(4 beta) in front. The
+  same form, for k completions of a prompt 1/(k - 1) sum_{i > j} (R_b(y_i) - R_b(y_j))^2, is the CoPG
+  loss of the authors' group in Cohere's "Command A" report (2025, arXiv:2504.00698), which is this
+  for k = 2. Its gradient, -2 beta [(r_w - r_l) - beta z] (grad log pi(y_w) - grad log pi(y_l)), is
+  4 beta times (minus) the contrastive policy-gradient step (1/2) (R_b(y_w) - R_b(y_l))
+  (grad log pi(y_w) - grad log pi(y_l)), a policy gradient with the other sample as baseline: no
+  importance ratio, hence valid on off-policy pairs (the learning rate absorbs the 4 beta); with
   r_w - r_l = 1/2 and beta = tau it is IPO (times tau^2); the optimum is h_w - h_l = (r_w - r_l) / beta.
   beta = 0.1 (the family's default; the reward scale sets the right value). The paper
   contrasts any two samples; a tied pair carries only the term (beta z)^2 and is left out here like in

@@ -23,6 +23,20 @@ Per token or per sequence: AReaL stores a version per token; workbench's ``Rollo
 is per sequence, because a whole completion is sampled by one version of the weights, so per-token
 alpha equals per-sequence alpha here. ``loglinear_alpha`` accepts either shape ([B] or [B, T]).
 AReaL gives alpha = 0 to tokens with a negative version (prompt tokens); so does this.
+
+``proximal="reuse_train_logp"``: AReaL's ``prox_logp_method="reuse_train_logp"`` (inclusionAI/AReaL,
+``areal/trainer/ppo/actor.py``: ``prox_logp_gt = logprobs.detach()`` inside the loss; the help text of
+``PPOActorConfig.prox_logp_method``: "Reuse training forward-pass logprobs as the proximal logp (skip
+the extra forward; requires ppo_n_minibatches=1)"). log pi_prox is the training forward's own log-probs,
+detached, so pi_theta / pi_prox = 1 in value (gradient grad log pi_theta) and the behaviour weight is
+pi_theta / mu at the weights being updated. That *is* the proximal policy only while one optimizer step
+uses the batch: at update k it equals ``recompute`` (a no-grad forward with the same weights before the
+step) without the extra forward pass, up to float rounding. With several updates per batch (epochs or
+minibatches) the weights move between them, the training forward is no longer the policy at the start
+of the batch, and the ratio would stay 1, so the trust region would silently vanish: AReaL forces
+``ppo_n_minibatches=1`` with a warning; ``check_reuse_train_logp`` refuses
+updates_per_batch * num_minibatches > 1 instead. It also refuses a training forward that is not the
+policy's: ALP's perturbed forward (``alp_scale`` > 0) and LoRA dropout > 0 (a random mask per forward).
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 
-PROXIMAL_MODES: tuple[str, ...] = ("none", "recompute", "loglinear", "linear")
+PROXIMAL_MODES: tuple[str, ...] = ("none", "recompute", "loglinear", "linear", "reuse_train_logp")
 
 
 def loglinear_alpha(behavior_version: torch.Tensor, current_version: int) -> torch.Tensor:
@@ -84,4 +98,49 @@ def loglinear_proximal(
     return prox, alpha
 
 
-__all__ = ["PROXIMAL_MODES", "loglinear_alpha", "loglinear_proximal"]
+def check_reuse_train_logp(updates_per_batch: int, num_minibatches: int, alp_scale: float = 0.0,
+                           lora_dropout: float = 0.0) -> None:
+    """One-line WorkbenchError unless ``proximal="reuse_train_logp"`` is the proximal policy here:
+    one optimizer step per batch and a training forward that is the plain policy's (see the module
+    docstring)."""
+    if updates_per_batch * num_minibatches != 1:
+        field, value = (("updates_per_batch", updates_per_batch) if updates_per_batch != 1
+                        else ("num_minibatches", num_minibatches))
+        raise WorkbenchError(
+            f"{field}={value!r} is invalid with proximal=reuse_train_logp: expected updates_per_batch=1 and "
+            f"num_minibatches=1 (the training forward is the proximal policy only for one update per batch; "
+            f"AReaL requires ppo_n_minibatches=1); use proximal=recompute for reuse")
+    if alp_scale:
+        raise WorkbenchError(f"alp_scale={alp_scale!r} is invalid with proximal=reuse_train_logp: expected 0 "
+                             f"(the perturbed training forward is not the policy; use proximal=recompute)")
+    if lora_dropout:
+        raise WorkbenchError(f"lora.dropout={lora_dropout!r} is invalid with proximal=reuse_train_logp: expected 0 "
+                             f"(a dropout forward is not the policy; use proximal=recompute)")
+
+
+def resolve_proximal(
+    proximal: str, logprobs: torch.Tensor, prox: torch.Tensor | None, behavior_logprobs: torch.Tensor,
+    behavior_version: torch.Tensor, policy_version: int | None, mask: torch.Tensor,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """(log pi_prox [B, T] or None, metrics) after the training forward ``logprobs`` [B, T].
+
+    ``prox`` is what the update already has (the batch's, or ``recompute``'s forward): kept for
+    ``none`` / ``recompute``; ``loglinear`` / ``linear`` replace it by AReaL's interpolation (needs
+    ``policy_version``, the version at the start of the update); ``reuse_train_logp`` by
+    ``logprobs`` detached, 0 at padded positions.
+    """
+    if proximal in ("loglinear", "linear"):
+        if policy_version is None:
+            raise WorkbenchError(f"proximal={proximal!r} needs policy_version (the version at the start of the update)")
+        out, alpha = loglinear_proximal(logprobs, behavior_logprobs, behavior_version, policy_version, mask,
+                                        mode=proximal)  # [B, T], [B]
+        return out, {"correction/prox_alpha_mean": float(alpha.mean()) if alpha.numel() else float("nan")}
+    if proximal == "reuse_train_logp":
+        lp = logprobs.detach()  # [B, T]: the training forward's own log-probs, no graph
+        return torch.where(mask.bool(), lp, lp.new_zeros(())), {}
+    if proximal not in ("none", "recompute"):
+        raise WorkbenchError(f"proximal={proximal!r} is invalid: expected {' | '.join(PROXIMAL_MODES)}")
+    return prox, {}
+
+
+__all__ = ["PROXIMAL_MODES", "check_reuse_train_logp", "loglinear_alpha", "loglinear_proximal", "resolve_proximal"]

@@ -16,6 +16,7 @@ from workbench.steps.reweight.core import Param, objective_needs
 from workbench.steps.reweight.corrections import (DENOMINATORS, PRESET_SOURCES, PRESETS, REJECT_STATS, WEIGHT_LEVELS,
                                                   Correction)
 from workbench.steps.reweight.presets import PEER_PRESETS
+from workbench.steps.reweight.proximal import PROXIMAL_MODES
 
 DOCS_PATH = Path(__file__).resolve().parents[3] / "docs" / "objectives.md"  # <repo>/docs/objectives.md
 
@@ -79,7 +80,7 @@ def objectives_markdown() -> str:
         "# Corrections",
         "",
         "`policy_loss(..., correction=<preset> | dict | Correction)`, or `RunConfig(correction=..., "
-        "correction_params={...}, proximal=none|recompute|loglinear)`. Bypass mode (no proximal policy): "
+        f"correction_params={{...}}, proximal={'|'.join(PROXIMAL_MODES)})`. Bypass mode (no proximal policy): "
         "rho = pi_theta / mu. Decoupled mode (`prox_logprobs` given, or `proximal` set): the objective's ratio "
         "is anchored at pi_prox and rho = pi_prox / mu. The loss becomes keep * w * L; rejected tokens still "
         "count in the normaliser (`denominator=valid`, AReaL) unless `denominator=kept` (verl: only the kept "
