@@ -14,8 +14,11 @@ The expected type of a field is read from its annotation, so a new field of a pl
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 from typing import Any
 
 from workbench.errors import WorkbenchError, bad_value
@@ -120,4 +123,13 @@ def _check_sub_config(name: str, cls: type, params: dict[str, Any]) -> None:
         raise bad_value(name, params, f"values accepted by {cls.__name__} ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["INT64_MAX", "check_known", "check_types", "is_int", "is_number"]
+__all__ = ["INT64_MAX", "check_known", "check_types", "field_docs", "is_int", "is_number"]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (read from the source, never duplicated):
+    the CLI's flag help and the knob reference (``docs/knobs.md``) both read them here."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {node.target.id: " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}

@@ -13,12 +13,9 @@ missing, unreadable, not a mapping or holds a bad value is one line naming the f
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import os
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +29,7 @@ from workbench.steps.batch_sources import BATCH_SOURCES
 from workbench.steps.score import ADVANTAGES, REWARDS
 from workbench.sweeps.grid import parse_value
 from workbench.tasks import TASKS
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (read from the source, never duplicated)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
-    return docs
+from workbench.validate import field_docs
 
 
 def parse_pairs(flag: str, pairs: list[str]) -> dict[str, Any]:

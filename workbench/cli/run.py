@@ -1,8 +1,9 @@
 """``run``, ``resume``, ``list``, ``lint``, ``docs`` and ``notebook``: one run, or the registries.
 
 ``lint`` takes the same flags as ``run`` and prints ``workbench.lint`` warnings (``run`` prints them
-too, to stderr, before starting); ``docs`` regenerates ``docs/objectives.md`` from the registries
-(``--check`` only compares); ``notebook`` executes a notebook of ``notebooks/`` headless.
+too, to stderr, before starting); ``docs`` regenerates ``docs/objectives.md`` and, beside it,
+the knob reference ``docs/knobs.md`` from the registries (``--check`` only compares both);
+``notebook`` executes a notebook of ``notebooks/`` headless.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from workbench import notebook
 from workbench.cli.config_flags import add_config_flags, config_from_args, registries_epilog
+from workbench.course.knob_reference import knobs_markdown, write_knob_docs
 from workbench.errors import WorkbenchError
 from workbench.runs.stop import StopSignals, exit_code, signal_name
 from workbench.steps.reweight.presets import PEER_PRESETS
@@ -44,9 +46,11 @@ def add_parsers(sub) -> None:
     lint_p.add_argument("--config", help="a config.json to start from (flags override it)")
     lint_p.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
     add_config_flags(lint_p)
-    docs_p = sub.add_parser("docs", help="write the objective reference docs/objectives.md from the registries",
+    docs_p = sub.add_parser("docs", help="write the objective reference docs/objectives.md and the knob reference "
+                            "docs/knobs.md from the registries",
                             allow_abbrev=False)
-    docs_p.add_argument("--out", default=None, help="output path (default: the repository's docs/objectives.md)")
+    docs_p.add_argument("--out", default=None, help="output path (default: the repository's docs/objectives.md; "
+                        "knobs.md goes beside it)")
     docs_p.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
     nb_p = sub.add_parser("notebook", help="run a notebook of notebooks/ headless (papermill) with parameters",
                           allow_abbrev=False)
@@ -168,14 +172,18 @@ def _print_lint(config, stream) -> list:
 
 def _docs(args) -> int:
     path = Path(args.out) if args.out else DOCS_PATH
+    knobs = path.with_name("knobs.md")  # the knob reference sits beside the objective reference
     if args.check:
-        current = path.read_text() if path.exists() else ""
-        if current != objectives_markdown():
-            print(f"{path} is out of date: run python -m workbench docs", file=sys.stderr)
+        stale = [p for p, text in ((path, objectives_markdown()), (knobs, knobs_markdown()))
+                 if (p.read_text() if p.exists() else "") != text]
+        for p in stale:
+            print(f"{p} is out of date: run python -m workbench docs", file=sys.stderr)
+        if stale:
             return 1
-        print(f"{path} is up to date")
+        print(f"{path} and {knobs} are up to date")
         return 0
     print(f"wrote {write_docs(path)}")
+    print(f"wrote {write_knob_docs(knobs)}")
     return 0
 
 
