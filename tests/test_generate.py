@@ -253,3 +253,18 @@ def test_build_rollouts_exact_fields(tokenizer):
     r.extras[0]["k"] = 99
     assert ex[0].extra == {"k": 1} and r.extras[1] == {"k": 1}  # a copy per row
     assert len(r) == 4 and r.rewards is None and r.advantages is None
+
+
+def test_device_generator_keeps_the_cpu_stream_and_seeds_one_per_call_elsewhere():
+    from workbench.steps.generate.transformers_sampler import device_generator
+
+    g = torch.Generator().manual_seed(3)
+    assert device_generator(g, torch.device("cpu")) is g  # CPU runs draw from the run's own stream
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the off-CPU branch needs one")
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    da, db = device_generator(a, torch.device("cuda")), device_generator(b, torch.device("cuda"))
+    assert da.device.type == "cuda" and da.initial_seed() == db.initial_seed()
+    probs = torch.full((4, 10), 0.1, device="cuda")
+    assert torch.equal(torch.multinomial(probs, 1, generator=da), torch.multinomial(probs, 1, generator=db))
+    assert torch.equal(a.get_state(), b.get_state())  # one draw each from the CPU stream

@@ -1,5 +1,5 @@
 """Sweeps: a 2x2 grid on the local process pool (merged parquet, resume, determinism), a failing
-cell, up-front validation, the CLI, and (slow) the same grid on a local Ray instance.
+cell, up-front validation and the CLI (on Ray: tests/test_sweep_ray.py).
 
 Every run is tiny (an untrained ~35 k-parameter local checkpoint, 4 prompts x 4 samples, 3 updates);
 most of a pool sweep's time is the spawned workers importing torch and transformers.
@@ -264,23 +264,6 @@ def test_cli_sweep(base, tmp_path, capsys):
     assert main(["sweep", "--grid", "stalenes=0,1", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "grid key 'stalenes' is invalid" in err and "\n" not in err
-
-
-@pytest.mark.slow
-def test_ray_sweep_matches_the_process_pool(base, pool_sweep):
-    ray = pytest.importorskip("ray")
-    df, _, pool_seconds = pool_sweep
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        on_ray = sweep(base, GRID, seeds=2, name="ray", ray="local", threads_per_run=1, **QUIET)
-        seconds = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    assert set(on_ray["status"]) == {"ok"}
-    assert metric_columns(on_ray).equals(metric_columns(df))
-    assert pl.read_parquet(os.path.join(base.out_dir, "ray", "sweep.parquet")).height == df.height
-    print(f"\n2x2 grid x 2 seeds: process pool {pool_seconds:.1f} s, local Ray {seconds:.1f} s")
 
 
 def _write_notebook(path):

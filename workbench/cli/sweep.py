@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel runs (default: usable cores // threads-per-run; 0 = one after another "
                              "in this process)")
+    parser.add_argument("--gpus-per-run", type=float, default=None, metavar="G",
+                        help="with --ray: GPUs per run, passed to Ray as num_gpus (0.5 = two runs per GPU; above 1 a "
+                             "whole number); each run's device becomes cuda (its --device must be auto or cuda)")
     parser.add_argument("--threads-per-run", type=int, default=None, help="torch threads per run (default 1)")
     parser.add_argument("--name", default=None,
                         help="sweep folder name under --out-dir (default: sweep-<hash of the command>, so the "
@@ -55,7 +58,8 @@ def cli_main(args) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     try:
         merged = sweep(base, grid, seeds, notebook=args.notebook, params_file=args.params_file, ray=args.ray,
-                       workers=args.workers, threads_per_run=args.threads_per_run, name=args.name,
+                       workers=args.workers, gpus_per_run=args.gpus_per_run,
+                       threads_per_run=args.threads_per_run, name=args.name,
                        progress=not args.no_progress, log=log)
     except SweepStopped as e:
         print(str(e), file=sys.stderr)

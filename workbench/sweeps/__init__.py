@@ -4,7 +4,7 @@
     df = sweep(RunConfig(steps=100), {"staleness": [0, 16, 256], "objective": ["ppo_clip", "m2po"]}, seeds=3)
 
     python -m workbench sweep --grid staleness=0,4,16,64,256 --grid objective=ppo_clip,is,m2po,topr,cispo \\
-        --seeds 3 [--notebook notebooks/<name>.ipynb] [--ray auto|local|ADDRESS] [--workers N] [--threads-per-run T] \\
+        --seeds 3 [--notebook notebooks/<name>.ipynb] [--ray auto|local|ADDRESS [--gpus-per-run G]] [--workers N] [--threads-per-run T] \\
         [any run flag: the base config]
 
 One module per concern, each documenting its part:
@@ -18,7 +18,7 @@ One module per concern, each documenting its part:
 
 The command line (``python -m workbench sweep``) is ``workbench.cli.sweep``.
 
-Left out: retries of cells that raised, per-cell timeouts, GPU scheduling on Ray (``num_gpus``),
+Left out: retries of cells that raised, per-cell timeouts, GPU scheduling on the local pool,
 and continuing an interrupted notebook cell (it starts over).
 """
 

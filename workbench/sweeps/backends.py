@@ -7,10 +7,15 @@ the pool: the pool is rebuilt and the unfinished cells are resubmitted once, the
 ``workers=0`` runs the cells one after another in this process (debugging; no isolation).
 
 **Ray** (``ray="local"`` starts a local instance, ``"auto"`` connects to a running cluster or else
-starts a local one, anything else is a cluster address; an already initialised Ray is used as is):
-each cell is a task with ``num_cpus=threads_per_run``; the run's small files (config, metrics,
-summary, knob events) come back to the driver, which writes them into the sweep folder
-(checkpoints stay where the task ran: on a cluster without a shared filesystem, on the worker node).
+starts a local one, anything else is a cluster address; an already initialised Ray is used as is;
+``ray_session``): each cell is a task with ``num_cpus=threads_per_run`` and, with ``gpus_per_run``,
+``num_gpus=gpus_per_run`` (a fraction below 1 shares a GPU between runs; Ray sets the task's
+``CUDA_VISIBLE_DEVICES`` to the GPU it assigned, so the run's ``cuda`` is that GPU). A request no
+node can meet is a one-line error before anything is written (Ray would queue it forever). The
+run's small files (config, metrics, summary, knob events) come back to the driver, which writes
+them into the sweep folder, with ``ray_task.json``: the node that ran the cell and the resources
+Ray assigned it (read inside the task from ``ray.get_runtime_context()``). Checkpoints stay where
+the task ran: on a cluster without a shared filesystem, on that node (``ray_task.json`` says which).
 
 Every finished cell goes through ``finish``: its status, its error reported as one line, the bar.
 
@@ -25,10 +30,13 @@ ends at once (pool workers are terminated).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing as mp
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -177,16 +185,19 @@ def _completed(futures, tick: Callable[[], None], every: float = 0.5):
         yield from done
 
 
-def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, bar,
-            log: Callable[[str], None]) -> int | None:
-    """Each cell a Ray task; at most ``workers`` in flight (None: all). Returns the stop signal (or None)."""
+RAY_TASK_FILE = "ray_task.json"  # in a Ray cell's run folder: where it ran, what Ray assigned it
+
+
+@contextlib.contextmanager
+def ray_session(address: str, gpus_per_run: float | None, log: Callable[[str], None]) -> Iterator[Any]:
+    """Ray connected (``address``: local | auto | a cluster address) and, with ``gpus_per_run``, a node
+    able to hold one run checked; yields the ``ray`` module. A Ray this started is shut down after."""
     try:
         import ray as ray_mod  # an optional extra: only Ray sweeps need it
     except ImportError:
         raise WorkbenchError("ray is not installed: pip install 'workbench[ray]'") from None
-    started = False
-    if not ray_mod.is_initialized():
-        started = True
+    started = not ray_mod.is_initialized()
+    if started:
         if address == "local":
             ray_mod.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
         elif address == "auto":
@@ -197,12 +208,53 @@ def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, 
                 ray_mod.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
         else:
             ray_mod.init(address=address, log_to_driver=False)
+    try:
+        if gpus_per_run is not None:
+            check_gpus(ray_mod, gpus_per_run)
+        yield ray_mod
+    finally:
+        if started:
+            ray_mod.shutdown()
+
+
+def check_gpus(ray_mod: Any, gpus_per_run: float) -> None:
+    """One-line error when no alive node has ``gpus_per_run`` GPUs (a task is placed on one node, so the
+    cluster's total is not enough; an autoscaler's future nodes are not counted)."""
+    total = float(ray_mod.cluster_resources().get("GPU", 0))
+    largest = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray_mod.nodes() if n.get("Alive")),
+                  default=0.0)
+    if largest < gpus_per_run:
+        raise WorkbenchError(f"gpus_per_run={gpus_per_run:g} is invalid on this Ray cluster: it has {total:g} "
+                             f"GPUs, at most {largest:g} on one node; ask for at most {largest:g} per run, or "
+                             "start the cluster with GPU nodes (ray start --num-gpus N)")
+
+
+def ray_cell_task(spec: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """The Ray task of one cell: ``ray_task``, plus ``ray_task.json`` (node, assigned resources, GPU ids,
+    ``CUDA_VISIBLE_DEVICES``) among the files returned to the driver."""
+    import ray as ray_mod  # in a Ray worker: Ray is installed
+
+    ctx = ray_mod.get_runtime_context()
+    placement = {"node_id": ctx.get_node_id(), "node_ip": ray_mod.util.get_node_ip_address(),
+                 "assigned_resources": ctx.get_assigned_resources(),
+                 "gpu_ids": [str(i) for i in ray_mod.get_gpu_ids()],
+                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    out = ray_task(spec, run_dir, threads)
+    out["files"][RAY_TASK_FILE] = json.dumps(placement, indent=2, sort_keys=True).encode()
+    return out
+
+
+def run_ray(cells: list[Cell], ray_mod: Any, workers: int | None, threads: int, gpus_per_run: float | None,
+            bar, log: Callable[[str], None]) -> int | None:
+    """Each cell a Ray task (``num_cpus=threads``, ``num_gpus=gpus_per_run``) on the connected Ray
+    (``ray_session``); at most ``workers`` in flight (None: all). Returns the stop signal (or None)."""
     stopped = StopSignals(lambda signum: None)
     try:
         stopped.__enter__()  # a signal: no new task is submitted, the ones in flight finish
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
                "POLARS_MAX_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        task = ray_mod.remote(ray_task).options(num_cpus=threads, runtime_env={"env_vars": env})
+        task = ray_mod.remote(ray_cell_task).options(num_cpus=threads, num_gpus=gpus_per_run or 0,
+                                                     runtime_env={"env_vars": env})
         queue = list(cells)
         inflight: dict[Any, Cell] = {}
         limit = workers or len(cells)
@@ -220,8 +272,6 @@ def run_ray(cells: list[Cell], address: str, workers: int | None, threads: int, 
                 finish(c, result, bar, log, counted=False)
     finally:
         stopped.__exit__(None, None, None)
-        if started:
-            ray_mod.shutdown()
     return stopped.signum
 
 

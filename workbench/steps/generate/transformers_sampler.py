@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator token sampling draws from on ``device``. ``torch.multinomial`` refuses a CPU
+    generator for CUDA probabilities, so off the CPU a generator on ``device`` is seeded from one draw
+    of the run's CPU generator (one draw per ``generate`` call: deterministic for the run's seed on
+    that device, and the CPU stream, hence every CPU run, is unchanged)."""
+    if generator is None or generator.device.type == torch.device(device).type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
 class TransformersSampler:
     """Batched sampling with a KV cache for any transformers causal LM (CPU or GPU)."""
 
@@ -74,7 +85,7 @@ class TransformersSampler:
         try:
             with torch.inference_mode():
                 resp, resp_mask, logps = self._sample(
-                    ids.to(device), mask.to(device), group_size, params, generator
+                    ids.to(device), mask.to(device), group_size, params, device_generator(generator, device)
                 )
         finally:
             self.model.train(was_training)
@@ -169,4 +180,4 @@ def greedy_accuracy(model, tokenizer, task: "Task", examples: list[Example] | No
     return correct / len(examples)
 
 
-__all__ = ["TransformersSampler", "greedy_accuracy"]
+__all__ = ["TransformersSampler", "device_generator", "greedy_accuracy"]
