@@ -1,6 +1,7 @@
 """Per-step cost of the workbench loop, and its overhead against a bare hand-written torch loop.
 
     python bench/step_throughput.py [--steps 20] [--threads 2] [--mismatch-sample 4]
+    python bench/step_throughput.py --prefill-batches 16   # only the prefill step, prefill_batches 1 vs 16
 
 Measures, on the built-in default (warm-started model, default batch), the median time per update
 split by step (generate / score / forward+loss (reweight) / backward+optimizer (update)), tokens/s,
@@ -13,6 +14,8 @@ and three ratios measured in this same run:
     groups of each batch (``--mismatch-sample``, default the config's; 0 = the whole batch), printed
     as its own median time;
   - the first (prefill) step at staleness 256, reported separately as a one-off cost.
+With ``--prefill-batches n`` it measures only the one-off prefill step at staleness 256 (257 batches of
+theta_0) with ``prefill_batches`` 1 and n (workbench/steps/prefill.py) and their ratio.
 Prints ratios; asserts nothing (targets are read off the output, not timed tests).
 """
 
@@ -102,12 +105,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mismatch-sample", type=int, default=RunConfig.mismatch_sample,
                     help="groups per batch whose log pi_gen staleness 256 measures (0 = every group)")
+    ap.add_argument("--prefill-batches", type=int, default=0,
+                    help="only time the prefill step at staleness 256 with prefill_batches 1 and this n")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = RunConfig(out_dir="", eval_every=10_000, threads=args.threads, mismatch_sample=args.mismatch_sample)
     task = build_task(base)
     model, tok = build_policy(base, task, log=lambda s: None)
     import copy
+
+    if args.prefill_batches:
+        prefill_step(base, model, tok, args.prefill_batches)
+        return
 
     def workbench_run(staleness: int) -> Run:
         run = Run(base.replace(staleness=staleness), model=copy.deepcopy(model), tokenizer=tok, log=lambda s: None)
@@ -141,6 +150,24 @@ def main() -> None:
     print(f"log pi_gen forward at staleness 256 (median s): {med(lp256):.4f} on mismatch_sample="
           f"{base.mismatch_sample} groups ({min(base.mismatch_sample * base.group_size or base.batch_size, base.batch_size)} sequences) "
           f"of each batch; the prefill's: {lp256[0]:.1f} s")
+
+
+def prefill_step(base: RunConfig, model, tok, n: int) -> None:
+    """The one-off first step at staleness 256 (its sync generates 257 batches) with prefill_batches 1 and n."""
+    import copy
+
+    times = {}
+    for m in (1, n):
+        run = Run(base.replace(staleness=256, prefill_batches=m), model=copy.deepcopy(model), tokenizer=tok,
+                  log=lambda s: None)
+        run.initial_accuracy = 0.0  # skip the held-out eval: it is not part of the step
+        row = run.step()
+        times[m] = row
+        print(f"prefill_batches={m}: prefill step {row['perf/time_step']:.1f} s (generate {row['perf/time_generate']:.1f} s, "
+              f"score {row['perf/time_score']:.1f} s, log pi_gen {row['perf/time_trainer_logprobs']:.1f} s), "
+              f"{int(row['buffer/generated_batches'])} batches")
+    print(f"prefill step at staleness 256: prefill_batches={n} / 1 = "
+          f"{times[n]['perf/time_step'] / times[1]['perf/time_step']:.3f}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ class RunConfig:
     """Sampler weights are refreshed every n updates; staleness cycles s..s+n-1 (live knob)."""
     max_staleness: int = -1
     """Samples staler than this are dropped before the update and counted; -1 = never drop."""
+    prefill_batches: int = 1
+    """Queued batches one generate call produces during a buffer sync (the theta_0 prefill of a long lag: s + 1 batches); 1 = one call per batch, as before; n > 1 draws the same prompts per batch, samples them in one wider call and scores each batch on its own rows (workbench.steps.prefill)."""
     updates_per_batch: int = 1
     """Epochs over each generated batch (PPO reuse); later passes are more off-policy."""
     num_minibatches: int = 1
@@ -244,7 +246,7 @@ class RunConfig:
         _check(isinstance(self.correction_params, dict), "correction_params", self.correction_params, "a dict")
         self.correction_spec()  # validates the preset name and the field overrides (one-line errors)
         for name in ("prompts_per_step", "group_size", "updates_per_batch", "num_minibatches", "sync_every",
-                     "steps", "eval_every", "eval_size"):
+                     "prefill_batches", "steps", "eval_every", "eval_size"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
         for name in ("staleness", "warmup_steps", "checkpoint_every", "threads", "top_k", "max_new_tokens", "seed",

@@ -37,7 +37,8 @@ from workbench.runs.rundir import RunDir, keep_previous
 from workbench.runs.tracking import TrackingSink
 from workbench.stats import wilson_interval
 from workbench.steps.buffer import StalenessBuffer, SyncStopped
-from workbench.steps.generate import SamplingParams, greedy_accuracy, make_sampler
+from workbench.steps.generate import greedy_accuracy, make_sampler
+from workbench.steps.prefill import sample_batches, sampling_params
 from workbench.steps.reweight.core import Objective, resolve_objective
 from workbench.steps.score import score
 from workbench.steps.reweight.mismatch import attach_trainer_logprobs
@@ -137,7 +138,8 @@ class Run:
             batch, score_stats, buffer_stats = self.buffer.pop(
                 k, staleness=knobs.staleness // units, sync_every=max(1, knobs.sync_every // units),
                 max_staleness=knobs.max_staleness, produce=self._generate_and_score,
-                should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
+                produce_batches=lambda n: [self._generate_and_score(made) for made in sample_batches(self, n)],
+                prefill_batches=cfg.prefill_batches, should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
             if cfg.proximal == "recompute":  # AReaL: pi_prox = the policy when the batch's first update starts
                 batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast))
             self.minibatches = self._split(batch)
@@ -203,8 +205,7 @@ class Run:
         cfg, kn, t0 = self.config, self.knobs.applied, time.perf_counter()
         examples = render_examples(self.tokenizer, self.task.sample(self.prompt_rng, prompts or cfg.prompts_per_step),
                                    self.chat_template)
-        params = SamplingParams(temperature=kn.temperature, top_p=cfg.top_p, top_k=cfg.top_k, adaptive_temperature=cfg.adaptive_temperature,
-                                max_new_tokens=cfg.max_new_tokens or self.task.max_answer_tokens, adaptive_temperature_min=cfg.adaptive_temperature_min, adaptive_temperature_max=cfg.adaptive_temperature_max)
+        params = sampling_params(cfg, kn, self.task)
         self.model.eval()
         rollouts = self.sampler.generate(examples, cfg.group_size, params, generator=self.generator,
                                          policy_version=self.version)
@@ -217,10 +218,10 @@ class Run:
         self._timing["perf/gen_tokens"] = self._timing.get("perf/gen_tokens", 0.0) + float(rollouts.response_mask.sum())
         return rollouts, stats
 
-    def _generate_and_score(self) -> tuple[Rollouts, dict[str, float]]:
-        """The buffer's producer: ``sample()``, plus log pi_gen of ``mismatch_sample`` groups when the batch is consumed later."""
+    def _generate_and_score(self, made: tuple[Rollouts, dict[str, float]] | None = None) -> tuple[Rollouts, dict[str, float]]:
+        """The buffer's producer: ``sample()`` (or ``made``, one batch of a batched prefill: steps/prefill.py), plus log pi_gen of ``mismatch_sample`` groups when the batch is consumed later."""
         cfg, kn = self.config, self.knobs.applied
-        rollouts, stats = self.sample()
+        rollouts, stats = self.sample() if made is None else made
         # log pi_gen, stored while the trainer holds the generating weights; a batch consumed at once
         # needs no forward (the update's own log-probs are pi_gen then: steps/reweight/mismatch.py)
         later = (cfg.updates_per_batch * cfg.num_minibatches > 1 or kn.staleness > 0 or kn.sync_every > 1

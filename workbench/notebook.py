@@ -50,8 +50,17 @@ def notebooks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "notebooks"
 
 
+COURSE_DIR = "course"  # the workshop course: notebooks/course/*.ipynb, CI params in params/ci/course/
+
+
+def _all_notebooks(d: Path) -> list[Path]:
+    """The top-level notebooks, then the course's (``notebooks/course/``)."""
+    return sorted(d.glob("*.ipynb")) + sorted((d / COURSE_DIR).glob("*.ipynb"))
+
+
 def find_notebook(name: str | Path) -> Path:
-    """A path, a stem (``02_staleness_and_clipping_live``) or a number prefix (``02``, ``2``)."""
+    """A path, a stem (``02_staleness_and_clipping_live``, ``c1_importance_ratio``) or a number prefix
+    (``02``, ``2``, ``c1``)."""
     p = Path(name)
     if p.suffix == ".ipynb" and p.exists():
         return p.resolve()
@@ -59,9 +68,9 @@ def find_notebook(name: str | Path) -> Path:
     stem = str(name)
     if stem.isdigit():
         stem = f"{int(stem):02d}_"
-    hits = sorted(x for x in d.glob("*.ipynb") if x.stem == stem or x.stem.startswith(stem))
+    hits = [x for x in _all_notebooks(d) if x.stem == stem or x.stem.startswith(stem)]
     if len(hits) != 1:
-        valid = ", ".join(x.stem for x in sorted(d.glob("*.ipynb")))
+        valid = ", ".join(x.stem for x in _all_notebooks(d))
         raise WorkbenchError(f"notebook={str(name)!r} is invalid: expected a path or one of {valid}")
     return hits[0]
 
@@ -80,8 +89,11 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
 
 
 def ci_params(notebook: str | Path) -> Path:
-    """``notebooks/params/ci/<stem>.yaml``: the parameters that shrink ``notebook`` for CI."""
-    return notebooks_dir() / "params" / "ci" / f"{find_notebook(notebook).stem}.yaml"
+    """``notebooks/params/ci/<stem>.yaml`` (a course notebook: ``params/ci/course/<stem>.yaml``): the
+    parameters that shrink ``notebook`` for CI."""
+    path = find_notebook(notebook)
+    sub = COURSE_DIR if path.parent.name == COURSE_DIR else ""
+    return notebooks_dir() / "params" / "ci" / sub / f"{path.stem}.yaml"
 
 
 def load_params_file(path: str | Path | None, notebook: str = "", declared: Any = None) -> dict[str, Any]:

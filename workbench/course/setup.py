@@ -148,7 +148,8 @@ def _cache_problems(size: str, root: Path, log: Callable[[str], None]) -> list[s
 
 
 def _step_problems(course_dir: Path, params_dir: Path, run_steps: bool, log: Callable[[str], None]) -> list[str]:
-    books = sorted(course_dir.glob("*.ipynb"))
+    # the steps are the numbered notebooks (c1_..., c2_...); solutions.ipynb calls every step's answers
+    books = sorted(nb for nb in course_dir.glob("*.ipynb") if re.fullmatch(r"c\d+_\w+", nb.stem))
     if not books:
         return [f"no course notebooks in {course_dir}"]
     problems = [f"course step {nb.stem}: no CI parameters file {params_dir / (nb.stem + '.yaml')}"

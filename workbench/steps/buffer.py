@@ -36,7 +36,12 @@ batches of token ids and log-probs.
 - **progress**: a sync that generates more than ``PROGRESS_MIN_BATCHES`` batches (the theta_0
   prefill of a long lag) logs a line when it starts, about every tenth of the way and at least every
   ``PROGRESS_SECONDS``, with times.
-- **stopping mid-sync**: ``pop(..., should_stop=...)`` checks it after each generated batch and
+- **batched prefill** (``prefill_batches`` = m > 1, ``workbench/steps/prefill.py``): a sync makes its
+  batches m per ``produce_batches(m)`` call (one generate call) instead of one per ``produce()``; an
+  empty queue first gets one batch from ``produce()``, so the budget is checked on a measured batch
+  before a call of m. Stops are checked and progress lines counted between calls. m = 1 is the
+  per-batch loop, unchanged.
+- **stopping mid-sync**: ``pop(..., should_stop=...)`` checks it after each generate call and
   raises ``SyncStopped`` when set: the batches made so far stay queued and the stats of this pop are
   carried to the next one (checkpointed), so a stopped prefill resumes where it was, exactly (the
   batches come from the same weights and RNG streams), instead of holding a stop for hours.
@@ -67,6 +72,7 @@ from workbench.rollouts import Rollouts
 from workbench.steps.replay import BatchSource, make_source, source_from_state, staleness_histogram
 
 Produce = Callable[[], tuple[Rollouts, dict[str, float]]]
+ProduceBatches = Callable[[int], list[tuple[Rollouts, dict[str, float]]]]  # n batches from one generate call
 BUDGET_ENV = "WORKBENCH_BUFFER_BUDGET_GB"
 DEFAULT_BUDGET_GB = 8.0
 PROGRESS_MIN_BATCHES = 8  # a sync generating more batches than this logs its progress
@@ -131,6 +137,14 @@ def _aligned(n: int, to: int = PY_ALIGN) -> int:
     return -(-n // to) * to
 
 
+def _checked(entries: list[tuple[Rollouts, dict[str, float]]], count: int) -> list[tuple[Rollouts, dict[str, float]]]:
+    """The ``count`` (batch, score metrics) entries a ``produce_batches(count)`` call must return."""
+    if not isinstance(entries, list) or len(entries) != count:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise WorkbenchError(f"produce_batches({count}) returned {got!r}: expected a list of {count} (batch, score metrics) pairs")
+    return entries
+
+
 class StalenessBuffer:
     """Delay queue of scored batches. ``pop`` is called once per generated batch consumed."""
 
@@ -159,13 +173,20 @@ class StalenessBuffer:
         max_staleness: int,
         produce: Produce,
         should_stop: Callable[[], bool] | None = None,
+        produce_batches: ProduceBatches | None = None,
+        prefill_batches: int = 1,
     ) -> tuple[Rollouts, dict[str, float], dict[str, float]]:
         """The batch for the update that starts at ``version``.
 
         ``produce()`` generates and scores one batch with the current weights. Returns the batch,
         the score metrics recorded when it was generated, and buffer metrics. ``should_stop()``
-        True during a sync raises ``SyncStopped`` (module doc).
+        True during a sync raises ``SyncStopped`` (module doc). ``produce_batches(n)`` with
+        ``prefill_batches`` > 1: a sync makes up to that many batches per call (module doc, "batched prefill").
         """
+        if isinstance(prefill_batches, bool) or not isinstance(prefill_batches, int) or prefill_batches < 1:
+            raise WorkbenchError(f"prefill_batches={prefill_batches!r} is invalid: expected an integer >= 1 "
+                                 f"(queued batches one generate call produces during a sync)")
+        per_call = prefill_batches if produce_batches is not None else 1
         stats = {"buffer/generated_batches": 0.0, "buffer/dropped_batches": 0.0,
                  "buffer/dropped_stale_seqs": 0.0, "buffer/synced": 0.0}
         for key, value in self.carried.items():
@@ -174,7 +195,7 @@ class StalenessBuffer:
         while True:
             due = (not self.synced_once) or self.pops_since_sync >= sync_every or not self.queue
             if due:
-                self._sync(version, staleness, sync_every, produce, stats, should_stop)
+                self._sync(version, staleness, sync_every, produce, stats, should_stop, produce_batches, per_call)
             batch, score_metrics = self.queue.popleft()
             self.pops_since_sync += 1
             if max_staleness >= 0:
@@ -193,7 +214,8 @@ class StalenessBuffer:
         return batch, score_metrics, stats
 
     def _sync(self, version: int, staleness: int, sync_every: int, produce: Produce, stats: dict[str, float],
-              should_stop: Callable[[], bool] | None = None) -> None:
+              should_stop: Callable[[], bool] | None = None, produce_batches: ProduceBatches | None = None,
+              per_call: int = 1) -> None:
         while len(self.queue) > staleness:  # lag lowered live: jump to the new lag at once
             self.queue.popleft()
             stats["buffer/dropped_batches"] += 1
@@ -208,11 +230,14 @@ class StalenessBuffer:
         while len(self.queue) < target:
             if self.queue and made <= 1:  # a batch to measure: refuse before the rest is generated
                 self._check_budget(target, staleness, sync_every)
-            self.queue.append(produce())
-            made += 1
-            stats["buffer/generated_batches"] += 1
+            # an empty queue gets one batch first: the budget is checked on it before a call of per_call batches
+            count = min(per_call, target - len(self.queue)) if self.queue else 1
+            self.queue.extend([produce()] if count == 1 else _checked(produce_batches(count), count))
+            made += count
+            stats["buffer/generated_batches"] += count
             now = time.perf_counter()
-            if every and (made % every == 0 or made == missing or now - last >= PROGRESS_SECONDS):
+            crossed = made // every > (made - count) // every if every else False  # a tenth of the way passed
+            if every and (crossed or made == missing or now - last >= PROGRESS_SECONDS):
                 last = now
                 self.log(f"buffer: {made}/{missing} batches generated ({now - t0:.0f} s, "
                          f"~{(now - t0) / made * (missing - made):.0f} s left)")
