@@ -32,7 +32,7 @@ from workbench.knobs import LIVE_FIELDS
 from workbench.notebook import has_frontend
 from workbench.steps.reweight import OBJECTIVES
 from workbench.steps.reweight.corrections import PRESET_SOURCES, PRESETS, Correction
-from workbench.steps.reweight.reference import DOCS_PATH, param_range
+from workbench.steps.reweight.reference import DOCS_PATH, md_cell, param_range, write_page
 from workbench.steps.score import ADVANTAGES
 from workbench.validate import field_docs
 
@@ -173,10 +173,6 @@ def _select(rows: list[KnobRow], filter: str | None) -> list[KnobRow]:
     return kept
 
 
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def knobs_markdown() -> str:
     """``docs/knobs.md``: the whole reference as one markdown table per kind."""
     lines = ["# Knob reference", "",
@@ -192,16 +188,13 @@ def knobs_markdown() -> str:
         lines += ["", f"## {kind.capitalize()}s", "", "| name | default | range | live | effect | paper |",
                   "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r.kind == kind):
-            lines.append(f"| `{r.name}` | `{_cell(r.default)}` | {_cell(r.range)} | {'yes' if r.live else 'no'} | "
-                         f"{_cell(r.effect)} | {_cell(r.paper) or '-'} |")
+            lines.append(f"| `{r.name}` | `{md_cell(r.default)}` | {md_cell(r.range)} | {'yes' if r.live else 'no'} | "
+                         f"{md_cell(r.effect)} | {md_cell(r.paper) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def write_knob_docs(path: Path | str = KNOBS_PATH) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(knobs_markdown())
-    return path
+    return write_page(path, knobs_markdown())
 
 
 def knob_table(filter: str | None = None):

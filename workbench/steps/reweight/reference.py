@@ -34,7 +34,8 @@ def param_line(p: Param) -> str:
     return f"{p.name}={p.default!r} {'' if p.choices else 'in '}{param_range(p)}, {live}: {p.doc}"
 
 
-def _cell(text: object) -> str:
+def md_cell(text: object) -> str:
+    """``text`` as one markdown table cell (pipes escaped, on one line); the knob page uses it too."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
@@ -55,10 +56,10 @@ def objectives_markdown() -> str:
     names = OBJECTIVES.names()
     for name in names:
         meta = OBJECTIVES.meta(name)
-        lines.append(f"| [`{name}`](#{name}) | {_cell(meta['summary'])} | {meta['default_aggregation']} |")
+        lines.append(f"| [`{name}`](#{name}) | {md_cell(meta['summary'])} | {meta['default_aggregation']} |")
     for name in names:
         meta = OBJECTIVES.meta(name)
-        lines += ["", f"## {name}", "", _cell(meta["summary"]), "", f"- Source: {_cell(meta['paper'])}",
+        lines += ["", f"## {name}", "", md_cell(meta["summary"]), "", f"- Source: {md_cell(meta['paper'])}",
                   f"- Default aggregation: `{meta['default_aggregation']}`",
                   f"- Equals REINFORCE's gradient on-policy: {'yes' if meta['reduces_to_reinforce'] else 'no'}"]
         needs = objective_needs(name)
@@ -71,8 +72,8 @@ def objectives_markdown() -> str:
         if params:
             lines += ["", "| parameter | default | range | live | meaning |", "|---|---|---|---|---|"]
             for p in params:
-                lines.append(f"| `{p.name}` | `{p.default!r}` | {_cell(param_range(p))} | "
-                             f"{'yes' if p.live else 'no'} | {_cell(p.doc)} |")
+                lines.append(f"| `{p.name}` | `{p.default!r}` | {md_cell(param_range(p))} | "
+                             f"{'yes' if p.live else 'no'} | {md_cell(p.doc)} |")
         else:
             lines += ["", "No parameters."]
     lines += [
@@ -95,22 +96,27 @@ def objectives_markdown() -> str:
     ]
     for preset in sorted(PRESETS):
         desc = Correction(**PRESETS[preset]).describe()
-        lines.append(f"| `{preset}` | {_cell(desc)} | {_cell(PRESET_SOURCES.get(preset, ''))} |")
+        lines.append(f"| `{preset}` | {md_cell(desc)} | {md_cell(PRESET_SOURCES.get(preset, ''))} |")
     lines += ["", "# Peer presets", "",
               "RunConfig fields that reproduce a peer framework's default policy loss "
               "(`workbench.steps.reweight.presets.preset_fields(name)`; `python -m workbench list --presets`).",
               "", "| preset | peer | fields | what it is | source |", "|---|---|---|---|---|"]
     for name, p in PEER_PRESETS.items():
         fields = ", ".join(f"{k}={v!r}" for k, v in p.fields.items())
-        lines.append(f"| `{name}` | {_cell(p.peer)} | {_cell(fields)} | {_cell(p.description)} | {_cell(p.source)} |")
+        lines.append(f"| `{name}` | {md_cell(p.peer)} | {md_cell(fields)} | {md_cell(p.description)} | {md_cell(p.source)} |")
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path | str = DOCS_PATH) -> Path:
+def write_page(path: Path | str, text: str) -> Path:
+    """Write a generated docs page (its folder created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(objectives_markdown())
+    path.write_text(text)
     return path
 
 
-__all__ = ["DOCS_PATH", "objectives_markdown", "param_line", "param_range", "write_docs"]
+def write_docs(path: Path | str = DOCS_PATH) -> Path:
+    return write_page(path, objectives_markdown())
+
+
+__all__ = ["DOCS_PATH", "md_cell", "objectives_markdown", "param_line", "param_range", "write_docs", "write_page"]
