@@ -363,3 +363,26 @@ def test_resume_with_an_unreadable_config_is_one_line(tmp_path):
     with pytest.raises(WorkbenchError, match="config=.*is unreadable") as err:
         Run.resume(d)
     assert "\n" not in str(err.value)
+
+
+def test_a_lock_released_from_a_finalizer_inside_acquire_does_not_deadlock(tmp_path):
+    """The GC can collect an old Run (its weakref finalizer releases its lock) while this thread is inside
+    ``RunLock.acquire``, holding the guard: the release must re-enter, not wait for itself."""
+    import threading
+
+    from workbench.runs import lock as lock_module
+
+    (tmp_path / "old").mkdir()
+    old = lock_module.RunLock.acquire(tmp_path / "old", log=lambda s: None)
+    done = threading.Event()
+
+    def inside_acquire():
+        with lock_module._GUARD:  # as acquire holds it when a collection runs the finalizer
+            old.release()
+        done.set()
+
+    worker = threading.Thread(target=inside_acquire, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set(), "release deadlocked on the guard its own thread holds"
+    assert not (tmp_path / "old" / "run.lock").exists()

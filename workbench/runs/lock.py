@@ -44,7 +44,9 @@ REFRESH_EVERY = 60.0  # seconds between mtime refreshes of a held lock
 _CREATING_GRACE = 5.0  # an empty or unreadable lock this young is being written: wait for it
 
 _HELD: dict[str, "RunLock"] = {}  # resolved run dir -> the lock object of this process that owns it
-_GUARD = threading.Lock()
+# reentrant: a Run collected by the GC releases its lock from a weakref finalizer, which can run in this
+# same thread while it holds the guard (inside acquire), and a plain Lock would deadlock there
+_GUARD = threading.RLock()
 
 
 class RunLock:
