@@ -347,6 +347,7 @@ def test_log_scale_for_panels_spanning_decades():
 
 
 # ----------------------------------------------------------------------------- the live charts' cost
+@pytest.mark.slow  # ~20 s (a subprocess bench run): .ci/run runs it on its own line
 def test_bench_live_charts_still_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "live_charts.py"), "--tiny", "--updates", "4",
                            "--block", "2", "--seconds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)

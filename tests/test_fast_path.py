@@ -103,6 +103,7 @@ def test_autocast_run_is_deterministic_and_bf16_changes_it(tokenizer, tiny_model
     assert (exact["mismatch/engine_abs_max"] < 1e-5).all()
 
 
+@pytest.mark.slow  # ~20 s of torch.compile: .ci/run runs it on its own line
 def test_compiled_forward_is_cached_and_equals_eager(tiny_model, tokenizer, addition_task):
     batch = scored_batch(tiny_model, tokenizer, addition_task)
     eager_lp, eager_grad = logprob_sum_grad(tiny_model, batch)

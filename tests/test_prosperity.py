@@ -319,6 +319,11 @@ def test_tiny_sweeps_report_and_cli(tmp_path, capsys):
     assert cli.main(["report", "--no-run", "--out-dir", out, "--prefix", prefix, "--out", str(tmp_path / "cli.md")]) == 0
     printed = capsys.readouterr().out
     assert "(a) on-policy reference final accuracy: holds" in printed
+    assert "(g) online_dpo's drop" in printed and "not measured: add online_dpo to the grid" in printed
+    cli_text = (tmp_path / "cli.md").read_text()
+    # both run_sweeps calls recorded their wall time; the sweeps recorded each run's seconds
+    assert "- Sweep wall time: 0 minutes" in cli_text and "wall time of 3 runs" in cli_text
+    assert "## How stale can I go?" in cli_text and "## What reproduces and what does not" in cli_text
     assert math.isfinite(runs["m2"].sum())
 
 

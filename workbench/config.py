@@ -18,8 +18,10 @@ from workbench.errors import WorkbenchError, bad_value
 from workbench.policy.lora import validate_lora
 from workbench.policy.model import DEVICES, DTYPES
 from workbench.policy.fast_path import AUTOCAST_MODES
+from workbench.policy.numerics import LOGITS_DTYPES, trainer_numerics
 from workbench.runs.tracking import validate_tracking
 from workbench.steps.generate.engines import validate_sampler
+from workbench.steps.async_state import check_async_config
 from workbench.steps.replay import check_source
 from workbench.steps.reweight.aggregate import AGGREGATIONS
 from workbench.steps.reweight.core import OBJECTIVES, validate_params
@@ -91,6 +93,16 @@ class RunConfig:
     """Nucleus sampling; < 1 makes behaviour log-probs differ from the trainer's (truncated support)."""
     top_k: int = 0
     """Top-k sampling; 0 = off."""
+    replay_sampling_mask: bool = False
+    """Sampling-mask replay: the sampler records each position's kept top-k / top-p set and the trainer's log-probs (update, proximal, mismatch) renormalise over it, so truncated sampling adds no mismatch (DeepSeek-V3.2's Keep Sampling Mask; workbench.policy.numerics); sampler=transformers only."""
+    sampler_logits_dtype: str = ""
+    """Numerics knob: round the sampler's raw logits to '' (exact) | bf16 | fp16 before sampling (a low-precision lm_head; workbench.policy.numerics); sampler=transformers only."""
+    trainer_logits_dtype: str = ""
+    """Numerics knob: round the trainer's logits to '' (exact) | bf16 | fp16 in every log-prob forward (workbench.policy.numerics)."""
+    sampler_logit_noise: float = 0.0
+    """Numerics knob: std of Gaussian noise added to the sampler's logits, fresh per decode step (0 = off); sampler=transformers only."""
+    trainer_logit_noise: float = 0.0
+    """Numerics knob: std of Gaussian noise added to the trainer's logits, a fresh draw per forward and per micro-batch piece (the chunking noise of a non-batch-invariant engine; 0 = off)."""
     max_new_tokens: int = 0
     """Generation budget; 0 = the task's own answer budget."""
     adaptive_temperature: float = 0.0
@@ -127,6 +139,22 @@ class RunConfig:
     """Sampler weights are refreshed every n updates; staleness cycles s..s+n-1 (live knob)."""
     max_staleness: int = -1
     """Samples staler than this are dropped before the update and counted; -1 = never drop."""
+    staleness_mode: str = "fixed"
+    """fixed (the lag of staleness / sync_every) | async (a simulated asynchronous system: slots decoding while the learner trains, heavy-tailed durations, interrupted rollouts; workbench.steps.async_pipeline)."""
+    async_workers: int = 0
+    """Async: W generation slots (sequences decoded concurrently); 0 = prompts_per_step * group_size."""
+    async_decode_step_s: float = 0.02
+    """Async: simulated seconds per engine decode step (every active slot advances one token)."""
+    async_update_s: float = 1.0
+    """Async: simulated seconds per learner update."""
+    async_length_sigma: float = 0.0
+    """Async: > 0 scales each rollout's time per token by a lognormal(0, sigma) factor (heavy-tailed durations); 0 = durations from the real lengths."""
+    async_admission: str = "none"
+    """Async: none | drop (discard groups staler than async_bound when the learner takes its batch) | wait (AReaL max_head_offpolicyness: a group starts only if its staleness at use stays <= async_bound; taken in start order) | pace (at most prompts_per_step groups start per update)."""
+    async_bound: int = 4
+    """Async: the staleness bound of async_admission drop / wait."""
+    async_partial: bool = True
+    """Async: true = in-flight rollouts continue with the new weights after each update (per-token versions, Rollouts.token_version); false = a rollout keeps its start version to the end."""
     prefill_batches: int = 1
     """Queued batches one generate call produces during a buffer sync (the theta_0 prefill of a long lag: s + 1 batches); 1 = one call per batch, as before; n > 1 draws the same prompts per batch, samples them in one wider call and scores each batch on its own rows (workbench.steps.prefill)."""
     updates_per_batch: int = 1
@@ -260,6 +288,7 @@ class RunConfig:
                "'' (a generated name) or one folder name inside out_dir: no '/', '\\', NUL, '.' or '..'")
         _check(isinstance(self.max_staleness, int) and self.max_staleness >= -1, "max_staleness",
                self.max_staleness, "an integer >= 0, or -1 for no limit")
+        check_async_config(self)  # the async fields, and what staleness_mode=async cannot combine with
         batch = self.prompts_per_step * self.group_size
         _check(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,
                f"a divisor of the batch size {batch} (prompts_per_step * group_size)")
@@ -275,6 +304,15 @@ class RunConfig:
                self.adaptive_temperature_max, f"a finite float >= adaptive_temperature_min={self.adaptive_temperature_min}")
         _check(self.adaptive_temperature == 0 or self.sampler == "transformers", "adaptive_temperature",
                self.adaptive_temperature, "0 with sampler=vllm (it samples each request at one temperature)")
+        _check(isinstance(self.replay_sampling_mask, bool), "replay_sampling_mask", self.replay_sampling_mask,
+               "true or false")
+        for name in ("sampler_logits_dtype", "trainer_logits_dtype"):
+            _check(getattr(self, name) in LOGITS_DTYPES, name, getattr(self, name), "'' (exact) | bf16 | fp16")
+        for name in ("sampler_logit_noise", "trainer_logit_noise"):
+            _check(0 <= getattr(self, name) < float("inf"), name, getattr(self, name), "a finite float >= 0 (0 = off)")
+        for name in ("replay_sampling_mask", "sampler_logits_dtype", "sampler_logit_noise"):  # engine-side knobs
+            _check(not getattr(self, name) or self.sampler == "transformers", name, getattr(self, name),
+                   "off with sampler=vllm (only the transformers sampler records kept sets and perturbs its logits)")
         _check(0 < self.lr < 1, "lr", self.lr, "a float in (0, 1)")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, " | ".join(LR_SCHEDULES))
         _check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", self.kl_estimator, " | ".join(KL_ESTIMATORS))
@@ -299,6 +337,10 @@ class RunConfig:
     @property
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
+
+    def trainer_numerics(self):
+        """The trainer's injected logit numerics (``policy.numerics.LogitNumerics``), None when exact."""
+        return trainer_numerics(self)
 
     def correction_spec(self):
         """The ``reweight.corrections.Correction`` of ``correction`` + ``correction_params`` (None if unset)."""

@@ -43,8 +43,10 @@ checks (each cites the upstream issue reports it comes from):
 ``m2po_tau_range``
     M2PO with tau outside [0.02, 0.12], the range the paper found stable (arXiv:2510.01161, Fig. 8).
 ``truncated_support``
-    top-p / top-k sampling with no correction: mu is the truncated, renormalised distribution, so
-    pi_theta / mu < 1 on every sampled token (verl #6240, TRL #4159 / PR #7269).
+    top-p / top-k sampling with no correction and no ``replay_sampling_mask``: mu is the truncated,
+    renormalised distribution, so pi_theta / mu < 1 on every sampled token (verl #6240, TRL #4159 /
+    #6789 / PR #7269); replaying the sampler's kept sets in the trainer removes the bias
+    (``workbench.policy.numerics``), so a replayed top-p / top-k is no off-policy source either.
 ``decoupled_without_correction``
     A proximal policy anchors the ratio but no correction weights pi_prox / mu: the behaviour
     mismatch is silently dropped. AReaL's current default does the same (``rejection_sampling=None``:
@@ -126,9 +128,9 @@ def offpolicy_sources(cfg: RunConfig) -> list[tuple[str, str]]:
         out.append(("updates_per_batch", f"updates_per_batch={cfg.updates_per_batch}"))
     if cfg.num_minibatches > 1:
         out.append(("num_minibatches", f"num_minibatches={cfg.num_minibatches}"))
-    if cfg.top_p < 1.0:
+    if cfg.top_p < 1.0 and not cfg.replay_sampling_mask:  # replayed: the trainer scores the same kept sets
         out.append(("top_p", f"top_p={cfg.top_p}"))
-    if cfg.top_k > 0:
+    if cfg.top_k > 0 and not cfg.replay_sampling_mask:
         out.append(("top_k", f"top_k={cfg.top_k}"))
     if cfg.sampler != "transformers":  # another engine's kernels: a measured sampler-trainer mismatch
         out.append(("sampler", f"sampler={cfg.sampler}"))
@@ -247,12 +249,13 @@ def lint(config: RunConfig) -> list[LintWarning]:
                  f"(arXiv:2510.01161, Fig. 8)")
 
     # truncated_support ---------------------------------------------------------------------------
-    if corr is None and (cfg.top_p < 1.0 or cfg.top_k > 0):
+    if corr is None and (cfg.top_p < 1.0 or cfg.top_k > 0) and not cfg.replay_sampling_mask:
         field = "top_p" if cfg.top_p < 1.0 else "top_k"
         warn("truncated_support", field,
              f"{field}={getattr(cfg, field)} samples from a truncated, renormalised distribution: mu >= pi_theta "
-             f"on every sampled token, so the ratio is biased below 1 (verl #6240, TRL #7269); add a correction "
-             f"(token_tis, icepop) or sample with full support")
+             f"on every sampled token, so the ratio is biased below 1 by the kept mass (verl #6240, TRL #6789 / "
+             f"#7269); set replay_sampling_mask=true (the trainer renormalises over the sampler's kept sets), add a "
+             f"correction (token_tis, icepop) or sample with full support")
 
     # decoupled_without_correction -----------------------------------------------------------------
     if cfg.proximal != "none" and corr is None:

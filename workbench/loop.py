@@ -36,7 +36,8 @@ from workbench.runs.progress import progress_postfix, update_bar
 from workbench.runs.rundir import RunDir, keep_previous
 from workbench.runs.tracking import TrackingSink
 from workbench.stats import wilson_interval
-from workbench.steps.buffer import StalenessBuffer, SyncStopped
+from workbench.steps.async_pipeline import make_buffer
+from workbench.steps.buffer import SyncStopped
 from workbench.steps.generate import greedy_accuracy, make_sampler
 from workbench.steps.prefill import sample_batches, sampling_params
 from workbench.steps.reweight.core import Objective, resolve_objective
@@ -56,7 +57,7 @@ class Run:
     - ``config`` (``RunConfig``), ``knobs`` (``Knobs``: set live, applied at the next update),
       ``objective`` (the ``Objective`` the latest update used, resolved once per knob change)
     - ``task``, ``model``, ``tokenizer``, ``ref_model`` (frozen initial policy, or None), ``sampler``,
-      ``optimizer``, ``buffer`` (``StalenessBuffer``), ``chat_template`` (None = raw prompts)
+      ``optimizer``, ``buffer`` (``StalenessBuffer``; ``AsyncPipeline`` if async), ``chat_template`` (None = raw prompts)
     - ``version`` (updates applied), ``rows`` (one metrics dict per update; ``metrics`` as a
       DataFrame), ``knob_events`` (applied changes), ``initial_accuracy``, ``last_batch`` (the
       minibatch of the latest update, None before the first), ``last_update_tokens`` (that update's
@@ -90,7 +91,7 @@ class Run:
                                                  seed=config.seed, log=log)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
         self.knobs = Knobs(config)
-        self.buffer = StalenessBuffer.from_config(config, log=log)  # the batch source: fifo or a replay strategy
+        self.buffer = make_buffer(config, log=log, run=self)  # fixed lag (fifo or a replay source) | async pipeline
         self.prompt_rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.version = 0
@@ -141,7 +142,7 @@ class Run:
                 produce_batches=lambda n: [self._generate_and_score(made) for made in sample_batches(self, n)],
                 prefill_batches=cfg.prefill_batches, should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
             if cfg.proximal == "recompute":  # AReaL: pi_prox = the policy when the batch's first update starts
-                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast))
+                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast, cfg.trainer_numerics()))
             self.minibatches = self._split(batch)
         minibatch = self.minibatches.pop(0)
         self.last_batch = minibatch  # the batch of the latest update (the notebooks' per-token view)
@@ -156,7 +157,7 @@ class Run:
             objective=self.objective, aggregation=cfg.aggregation, temperature=knobs.temperature, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
             kl_estimator=cfg.kl_estimator, kl_is_corrected=cfg.kl_is_corrected, entropy_coef=cfg.entropy_coef,
             ref_model=self.ref_model,
-            correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k,
+            correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k, numerics=cfg.trainer_numerics(),
             loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size, autocast=cfg.autocast, compile=cfg.compile,
             context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens, alp_scale=cfg.alp_scale)
         self.last_update_tokens = tokens
@@ -229,7 +230,7 @@ class Run:
         if cfg.measure_mismatch and later and len(rollouts):
             t2 = time.perf_counter()
             rollouts = attach_trainer_logprobs(self.model, rollouts, kn.temperature, groups=cfg.mismatch_sample,
-                                               seed=cfg.seed, autocast=cfg.autocast)  # a sampled subset (mismatch.py)
+                                               seed=cfg.seed, autocast=cfg.autocast, numerics=cfg.trainer_numerics())  # a sampled subset (mismatch.py)
             self._timing["perf/time_trainer_logprobs"] += time.perf_counter() - t2
         return rollouts, stats
 

@@ -10,7 +10,11 @@ Shapes (B sequences, P prompt tokens, T response tokens):
     response_mask      [B, T] float  1.0 = real response token (EOS included when sampled)
     behavior_logprobs  [B, T] float  log-prob of each sampled token under the distribution actually
                                       sampled from (after temperature / top-k / top-p)
-    policy_version     [B]    long   version of the weights that generated each sequence
+    policy_version     [B]    long   version of the weights that generated each sequence (with
+                                      ``token_version``: the version of its first token)
+    token_version      [B, T] long   optional version of the weights that generated each token
+                                      (rollouts continued across updates: workbench.steps.async_pipeline;
+                                      0 on padding); None = every token has ``policy_version``
     group_id           [B]    long   which prompt the sequence answers (G samples per prompt)
     rewards            [B]    float  after score (None before)
     advantages         [B] or [B, T] float after score (None before)
@@ -18,6 +22,8 @@ Shapes (B sequences, P prompt tokens, T response tokens):
     ref_logprobs       [B, T] float  optional frozen-reference log-probs
     trainer_logprobs   [B, T] float  optional trainer log-probs at generation time, under the
                                       generating weights (``workbench.steps.reweight.mismatch``)
+    sampling_kept      [B, T, K] long optional kept top-k / top-p token ids of each sampled position,
+                                      -1 padded (the sampling-mask replay, ``workbench.policy.numerics``)
 Non-tensor fields (length B): ``prompts``, ``completions`` (decoded text), ``answers`` (the
 task's reference answer) and ``extras`` (per-example dicts passed to reward functions).
 """
@@ -33,7 +39,7 @@ import torch
 _TENSOR_FIELDS = (
     "prompt_ids", "prompt_mask", "response_ids", "response_mask", "behavior_logprobs",
     "policy_version", "group_id", "rewards", "advantages", "prox_logprobs", "ref_logprobs",
-    "trainer_logprobs",
+    "trainer_logprobs", "token_version", "sampling_kept",
 )
 _LIST_FIELDS = ("prompts", "completions", "answers", "extras")
 
@@ -58,6 +64,8 @@ class Rollouts:
     prox_logprobs: torch.Tensor | None = None  # [B, T]
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     trainer_logprobs: torch.Tensor | None = None  # [B, T]
+    token_version: torch.Tensor | None = None  # [B, T] long
+    sampling_kept: torch.Tensor | None = None  # [B, T, K] long, -1 padded
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -124,6 +132,18 @@ def _pad_cat(tensors: list[torch.Tensor], value: float, left: bool) -> torch.Ten
     return torch.cat(out, dim=0)
 
 
+def _pad_cat_3d(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Row-wise concat of [b, T, K] tensors, right-padded with ``value`` on both T and K."""
+    width = max(t.shape[1] for t in tensors)
+    depth = max(t.shape[2] for t in tensors)
+    out = torch.full((sum(t.shape[0] for t in tensors), width, depth), value, dtype=tensors[0].dtype)  # [B, T, K]
+    row = 0
+    for t in tensors:
+        out[row:row + t.shape[0], :t.shape[1], :t.shape[2]] = t
+        row += t.shape[0]
+    return out
+
+
 def concat(batches: list[Rollouts], pad_id: int = 0) -> Rollouts:
     """Stack batches row-wise, re-padding prompts (left) and responses (right) to a common width.
 
@@ -138,9 +158,12 @@ def concat(batches: list[Rollouts], pad_id: int = 0) -> Rollouts:
     kw["prompt_mask"] = _pad_cat([b.prompt_mask for b in batches], 0, left=True)
     for f in ("response_ids",):
         kw[f] = _pad_cat([getattr(b, f) for b in batches], pad_id, left=False)
-    for f in ("response_mask", "behavior_logprobs", "prox_logprobs", "ref_logprobs", "trainer_logprobs"):
+    for f in ("response_mask", "behavior_logprobs", "prox_logprobs", "ref_logprobs", "trainer_logprobs",
+              "token_version"):
         vals = [getattr(b, f) for b in batches]
         kw[f] = None if any(v is None for v in vals) else _pad_cat(vals, 0, left=False)
+    kept = [b.sampling_kept for b in batches]
+    kw["sampling_kept"] = None if any(k is None for k in kept) else _pad_cat_3d(kept, -1)
     kw["policy_version"] = torch.cat([b.policy_version for b in batches])
     offset, gids = 0, []
     for b in batches:

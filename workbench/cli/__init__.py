@@ -1,4 +1,5 @@
-"""Command line: ``python -m workbench run|resume|list|lint|docs|notebook|sweep|report|compare|fork|ope|course``.
+"""Command line: ``python -m workbench run|resume|list|lint|docs|notebook|sweep|report|compare|fork|ope|course|
+null-test|throughput|entropy``.
 
 Every ``RunConfig`` field is a flag (``--staleness 64``, ``--objective m2po``); dict fields take
 ``key=value`` pairs (``--objective-params tau=0.08 variant=cap``). ``--help`` lists the registered
@@ -8,8 +9,10 @@ and prints ``workbench.lint`` warnings (``run`` prints them too, to stderr, befo
 ``docs`` regenerates ``docs/objectives.md`` from the registries (``--check`` only compares).
 
 One module per group of commands: ``config_flags`` (the run flags), ``run`` (run, resume, list,
-lint, docs, notebook), ``sweep``, ``report``, ``compare``, ``fork`` (paired branches), ``ope`` (off-policy evaluation) and ``course`` (the
-workshop's prepare / check / cache copy). The libraries they call never import the CLI.
+lint, docs, notebook), ``sweep``, ``report``, ``compare``, ``fork`` (paired branches), ``ope`` (off-policy evaluation),
+``course`` (the workshop's prepare / check / cache copy), ``null_test`` (lr = 0 under injected numerics),
+``throughput`` (sync vs async wall-clock) and ``entropy`` (per-token entropy of a policy on a task). The
+libraries they call never import the CLI.
 
 Errors are one line on stderr. Bad input (a ``WorkbenchError``, an unknown or malformed flag) prints
 ``error: <message>`` and exits 2; any other exception is a bug in workbench, not in the input: one
@@ -27,7 +30,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from workbench.cli import compare, course, fork, ope, report, run, sweep
+from workbench.cli import compare, course, entropy, fork, null_test, ope, report, run, sweep, throughput
 from workbench.cli.config_flags import check_out_dir, config_from_args
 from workbench.validate import field_docs
 from workbench.errors import WorkbenchError, one_line
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_parser(sub)
     ope.add_parser(sub)
     course.add_parser(sub)
+    null_test.add_parser(sub)
+    throughput.add_parser(sub)
+    entropy.add_parser(sub)
     return parser
 
 
@@ -84,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             return ope.cli_main(args)
         if args.command == "fork":
             return fork.cli_main(args)
-        if args.command == "course":
-            return course.cli_main(args)
+        commands = {"course": course, "null-test": null_test, "throughput": throughput, "entropy": entropy}
+        if args.command in commands:
+            return commands[args.command].cli_main(args)
         return run.cli_main(args)
     except WorkbenchError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

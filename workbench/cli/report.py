@@ -1,8 +1,10 @@
 """``python -m workbench report``: reproduce "prosperity before collapse" at CPU scale.
 
 Runs (or resumes) the two sweeps of ``workbench.studies.prosperity``, writes the Markdown report
-and its figures (``workbench.studies.prosperity_report``), and prints the four checks (again at the
-drift-matched staleness when there is one).
+and its figures (``workbench.studies.prosperity_report``), and prints the four checks (again at
+the drift-matched staleness when there is one) and statements (e)-(g) at the highest staleness.
+``--no-run`` rebuilds the report from the folders on disk; the sweeps' wall time comes from
+``workbench.studies.prosperity_sweeps.wall_seconds``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from workbench.sweeps import SweepStopped
 from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_staleness, load_sweeps, run_sweeps,
                                           runs_table, summary_table, sweep_base, sweep_prefix)
+from workbench.studies.prosperity_sweeps import wall_seconds
 
 
 def add_parser(sub) -> None:
@@ -42,6 +45,7 @@ def add_arguments(parser) -> None:
 def cli_main(args) -> int:
     """``python -m workbench report``: run (or resume) the sweeps and write the report."""
     # altair and vl-convert (the figures) load only for this command, not for every command's parser
+    from workbench.studies.prosperity_checks import more_checks
     from workbench.studies.prosperity_report import check_lines, write_report
 
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -61,9 +65,11 @@ def cli_main(args) -> int:
         seconds = float(df["perf/time_step"].sum())
     command = "python -m workbench report" + ("" if args.size == "cpu" else f" --size {args.size}")
     write_report(df, args.out, command=command, base=sweep_base(args.out_dir, prefix), size=args.size, seconds=seconds,
-                 log=log)
-    table = summary_table(runs_table(df))
-    for line in check_lines(check_claims(table)):
+                 wall=wall_seconds(args.out_dir, prefix), log=log)
+    runs = runs_table(df)
+    table = summary_table(runs)
+    stale = [s for s in table["staleness"].unique().to_list() if s > 0]
+    for line in check_lines(check_claims(table)) + check_lines(more_checks(runs, max(stale) if stale else None)):
         print(line)
     matched = drift_matched_staleness(table)
     if matched is not None:

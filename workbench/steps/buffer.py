@@ -54,7 +54,8 @@ batches of token ids and log-probs.
   the update's batch per staleness bucket at the pop's version), ``buffer/stored_seqs`` and their own
   counts (``buffer/replayed_seqs``, ``buffer/downsampled_seqs``).
 
-Leaves out: partial/interruptible rollouts and per-token versions (AReaL).
+Leaves out: partial/interruptible rollouts and per-token versions (AReaL): those are the
+asynchronous pipeline's (``staleness_mode="async"``, ``workbench/steps/async_pipeline.py``).
 """
 
 from __future__ import annotations

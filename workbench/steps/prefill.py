@@ -32,7 +32,9 @@ def sampling_params(config: Any, knobs: Any, task: Any) -> SamplingParams:
         temperature=knobs.temperature, top_p=config.top_p, top_k=config.top_k,
         max_new_tokens=config.max_new_tokens or task.max_answer_tokens,
         adaptive_temperature=config.adaptive_temperature, adaptive_temperature_min=config.adaptive_temperature_min,
-        adaptive_temperature_max=config.adaptive_temperature_max)
+        adaptive_temperature_max=config.adaptive_temperature_max,
+        logits_dtype=config.sampler_logits_dtype, logit_noise=config.sampler_logit_noise,
+        record_kept=config.replay_sampling_mask)
 
 
 def split_batches(rollouts: Rollouts, n: int, prompts: int) -> list[Rollouts]:
@@ -60,10 +62,10 @@ def _trim_padding(batch: Rollouts) -> Rollouts:
     # .contiguous(): each queued batch gets its own storage instead of keeping the whole call's alive
     changes = {name: getattr(batch, name)[:, first:].contiguous() for name in ("prompt_ids", "prompt_mask")}  # [B, P']
     for name in ("response_ids", "response_mask", "behavior_logprobs", "prox_logprobs", "ref_logprobs",
-                 "trainer_logprobs", "advantages"):
+                 "trainer_logprobs", "advantages", "token_version", "sampling_kept"):
         value = getattr(batch, name)
-        if value is not None and value.dim() == 2:  # (advantages may be per sequence [B])
-            changes[name] = value[:, :end].contiguous()  # [B, T']
+        if value is not None and value.dim() >= 2:  # (advantages may be per sequence [B]; sampling_kept is [B, T, K])
+            changes[name] = value[:, :end].contiguous()  # [B, T'(, K)]
     return batch.with_(**changes)
 
 

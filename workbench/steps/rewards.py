@@ -1,6 +1,7 @@
 """Rewards of the score step: reward functions (``REWARDS``) and their weighted combination.
 
-Built in: ``exact_match``, ``math_equiv`` (final answers compared mathematically,
+Built in: ``exact_match``, ``final_answer`` (the text after the last marker, e.g. the ``scratchpad``
+task's ``>``), ``math_equiv`` (final answers compared mathematically,
 ``workbench.tasks.math_answers``), ``format``, ``overlong`` (alias ``length_penalty``). A reward function
 is a plain callable
 ``fn(prompts: list[str], completions: list[str], **kwargs) -> list[float]`` (one finite number per
@@ -46,6 +47,34 @@ def exact_match(
     prompts: list[str], completions: list[str], *, answers: list[str], **kwargs: Any
 ) -> list[float]:
     return [1.0 if c.strip() == a.strip() else 0.0 for c, a in zip(completions, answers)]
+
+
+def _check_marker(params: dict[str, Any]) -> None:
+    marker = params.get("marker", ">")
+    if not isinstance(marker, str) or not marker:
+        raise WorkbenchError(f"final_answer.marker={marker!r} is invalid: expected a non-empty string")
+
+
+def _after(text: str, marker: str) -> str | None:
+    return text.rsplit(marker, 1)[1].strip() if marker in text else None
+
+
+@REWARDS.register("final_answer", summary="1.0 if the text after the last marker (default '>') equals the "
+                  "answer's; the reasoning before it is not graded (the scratchpad task's verify)",
+                  check=_check_marker)
+def final_answer(
+    prompts: list[str], completions: list[str], *, answers: list[str], marker: str = ">", **kwargs: Any
+) -> list[float]:
+    """Grades only the final answer, written after the last ``marker``, as verifiable-reward LLM RL
+    grades only a chain of thought's final answer: ``"1+4+0=05,>5"`` and ``"1+4+0=07,>5"`` both match
+    the answer ``"1+4+0=05,>5"``. A completion without the marker gets 0; an answer without it is
+    compared whole."""
+    out = []
+    for c, a in zip(completions, answers):
+        want = _after(a, marker)
+        got = _after(c, marker)
+        out.append(1.0 if got is not None and got == (a.strip() if want is None else want) else 0.0)
+    return out
 
 
 @REWARDS.register(

@@ -16,7 +16,8 @@ aggregation, KL and entropy term, diagnostic and the gradient clip see exactly t
 ``autocast`` ('' | bf16 | fp16) runs this update's forwards under ``torch.autocast`` and builds the
 loss in fp32 outside it; ``compile`` calls the policy's cached ``torch.compile`` module for the
 training forward/backward, its first update logging ``perf/compile_seconds``
-(``workbench.policy.fast_path``, which says why bf16 is an engine-mismatch source).
+(``workbench.policy.fast_path``, which says why bf16 is an engine-mismatch source). ``numerics`` rounds /
+noises every trainer forward's logits, one draw per forward (``policy.numerics``; None = exact).
 
 Leaves out: value heads/GAE (critic-free methods only), fp16 loss scaling.
 """
@@ -38,6 +39,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.policy.fast_path import autocast_context, training_model
 from workbench.policy.logprobs import frozen_logprobs, token_logprobs
+from workbench.policy.numerics import FORWARD_PROXIMAL, FORWARD_REFERENCE, FORWARD_TRAIN, LogitNumerics, forward_numerics
 from workbench.policy.warm_start import sft_batch
 from workbench.rollouts import Rollouts
 from workbench.steps.alp import adversarial_deltas, delta_metrics, perturbed
@@ -68,7 +70,8 @@ def lr_multiplier(update: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float, autocast: str = "") -> torch.Tensor:
+def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: float, autocast: str = "",
+                      numerics: LogitNumerics | None = None, index: int = 0) -> torch.Tensor:
     """log pi_prox of the sampled tokens: the trainer's current weights and precision, no graph. [B, T]
 
     AReaL's decoupled PPO (arXiv:2505.24298) recomputes them once per batch, at the start of its
@@ -76,7 +79,8 @@ def proximal_logprobs(model: torch.nn.Module, batch: Rollouts, temperature: floa
     the behaviour weight pi_prox / mu corrects for staleness.
     """
     with autocast_context(autocast, model):
-        return frozen_logprobs(model, batch, temperature).float()  # [B, T]
+        return frozen_logprobs(model, batch, temperature, numerics=forward_numerics(
+            numerics, FORWARD_PROXIMAL, batch.policy_version, index)).float()  # [B, T]
 
 
 def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
@@ -93,7 +97,7 @@ def expert_batch(batch: Rollouts, tokenizer, task: Task) -> Rollouts:
 def loss_context(objective: Objective, batch: Rollouts, model: torch.nn.Module, *, temperature: float,
                  extra: dict[str, Any] | None = None, ref_model: torch.nn.Module | None = None,
                  ref_logprobs: torch.Tensor | None = None, expert: Rollouts | None = None,
-                 with_ref: bool = False) -> dict[str, Any]:
+                 with_ref: bool = False, numerics: LogitNumerics | None = None) -> dict[str, Any]:
     """The ``policy_loss`` context for ``batch`` (``reweight.context.CONTEXT_KEYS``), built one way
     for the loop, the replay study and the per-token view.
 
@@ -110,7 +114,8 @@ def loss_context(objective: Objective, batch: Rollouts, model: torch.nn.Module, 
                 raise WorkbenchError(
                     f"objective={objective.name!r} needs a reference model: start the run with it or set "
                     f"kl_coef > 0 (a frozen copy of the initial policy is built then)")
-            ref_logprobs = frozen_logprobs(ref_model, batch, temperature)  # [B, T]
+            ref_logprobs = frozen_logprobs(ref_model, batch, temperature, numerics=forward_numerics(
+                numerics, FORWARD_REFERENCE, batch.policy_version))  # [B, T]
         ctx["ref_logprobs"] = ref_logprobs
     if "expert_logprobs" in objective.needs:
         if expert is None:
@@ -151,8 +156,8 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
         torch.cuda.set_rng_state(state[1], device)
 
 
-def chunk_logprobs(model: torch.nn.Module, batch: Rollouts, chunks: list[list[int]], temperature: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+def chunk_logprobs(model: torch.nn.Module, batch: Rollouts, chunks: list[list[int]], temperature: float,
+                   numerics: LogitNumerics | None = None, version: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
     """Pass 1 of micro-batching: the log-probs and entropies of ``batch``, one no-graph forward per
     chunk, as leaf tensors that require grad, so the loss can be built once over the whole batch
     (every objective and aggregation stays exact: nothing about the loss is decomposed). Also the
@@ -161,16 +166,18 @@ def chunk_logprobs(model: torch.nn.Module, batch: Rollouts, chunks: list[list[in
     device = next(model.parameters()).device
     states, lps, ents = [], [], []
     with torch.no_grad():
-        for rows in chunks:
+        for i, rows in enumerate(chunks):
             states.append(_rng_state(device))
-            lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature, with_entropy=True)
+            lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature, with_entropy=True,
+                                     numerics=forward_numerics(numerics, FORWARD_TRAIN, version, i))
             lps.append(lp)  # [b, T]
             ents.append(ent)  # [b, T]
     return torch.cat(lps).requires_grad_(True), torch.cat(ents).requires_grad_(True), states  # [B, T] x2
 
 
 def backward_chunks(model: torch.nn.Module, batch: Rollouts, chunks: list[list[int]], temperature: float,
-                    logprobs: torch.Tensor, entropy: torch.Tensor, states: list[Any]) -> None:
+                    logprobs: torch.Tensor, entropy: torch.Tensor, states: list[Any],
+                    numerics: LogitNumerics | None = None, version: int = 0) -> None:
     """Pass 2 of micro-batching: after ``total.backward()`` filled ``logprobs.grad`` / ``entropy.grad``
     (dL/dlogp, dL/dH at every token), re-run each chunk's forward with a graph and backpropagate
     sum_t g_t * logp_t (+ sum_t h_t * H_t): by the chain rule its parameter gradient is exactly that
@@ -179,11 +186,11 @@ def backward_chunks(model: torch.nn.Module, batch: Rollouts, chunks: list[list[i
     g_lp, g_ent = logprobs.grad, entropy.grad  # [B, T] or None (a term the loss does not use)
     if g_lp is None and g_ent is None:
         return
-    for rows, state in zip(chunks, states):
+    for i, (rows, state) in enumerate(zip(chunks, states)):
         _set_rng_state(device, state)
         sl = slice(rows[0], rows[-1] + 1)
-        lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature,
-                                 with_entropy=g_ent is not None)  # [b, T], [b, T] or None
+        lp, ent = token_logprobs(model, batch.select(rows), temperature=temperature, with_entropy=g_ent is not None,
+                                 numerics=forward_numerics(numerics, FORWARD_TRAIN, version, i))  # [b, T], [b, T] | None
         surrogate = lp.new_zeros(())
         if g_lp is not None:
             surrogate = surrogate + (lp * g_lp[sl]).sum()
@@ -231,8 +238,7 @@ def update_step(
     temperature: float,
     grad_clip: float,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_is_corrected: bool = False,
+    kl_estimator: str = "k3", kl_is_corrected: bool = False,
     entropy_coef: float = 0.0,
     ref_model: torch.nn.Module | None = None,
     correction: Any = None,
@@ -246,6 +252,7 @@ def update_step(
     autocast: str = "",
     compile: bool = False,
     alp_scale: float = 0.0,
+    numerics: LogitNumerics | None = None,
 ) -> dict[str, float]:
     """One optimizer update on ``batch`` (needs ``advantages``). Returns its metrics.
 
@@ -304,33 +311,39 @@ def update_step(
     extra: dict[str, float] = {}
     chunks = row_chunks(len(batch), micro_batch_size)
     chunked = len(chunks) > 1
+    version = int(batch.policy_version.max()) if policy_version is None and len(batch) else int(policy_version or 0)
     with autocast_context(autocast, model):  # forwards only: the loss below is built in fp32, outside it
         if proximal == "recompute" and prox is None:  # the loop attaches them once per batch
-            prox = torch.cat([proximal_logprobs(model, batch.select(rows), temperature) for rows in chunks]
-                             ) if chunked else proximal_logprobs(model, batch, temperature)  # [B, T] (autocast: already on)
+            prox = torch.cat([proximal_logprobs(model, batch.select(rows), temperature, numerics=numerics, index=i)
+                              for i, rows in enumerate(chunks)]) if chunked else proximal_logprobs(
+                model, batch, temperature, numerics=numerics)  # [B, T] (autocast: already on)
         ref_lp = None  # [B, T]: the reference forward, in pieces when chunked (else loss_context runs it)
         if chunked and ref_model is not None and (bool(kl_coef) or "ref_logprobs" in obj.needs):
-            ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature) for rows in chunks])
+            ref_lp = torch.cat([frozen_logprobs(ref_model, batch.select(rows), temperature, numerics=forward_numerics(
+                numerics, FORWARD_REFERENCE, batch.policy_version, i)) for i, rows in enumerate(chunks)])
         ctx, deltas = None, None
         if alp_on:  # the adversarial pass needs the loss context, so it is built before the forward
             ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
-                               expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+                               expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None, numerics=numerics)
             deltas, _ = adversarial_deltas(model, batch, temperature, alp_scale, lambda lp: policy_loss(
                 obj, lp, batch.behavior_logprobs, batch.advantages, mask, aggregation=obj.aggregation(aggregation),
                 loss_scale_factor=loss_scale_factor, prox_logprobs=prox, correction=correction,
                 context=_isolated(ctx))[0])
             extra.update(delta_metrics(deltas))
         if chunked:
-            logprobs, entropy, rng_states = chunk_logprobs(policy, batch, chunks, temperature)  # [B, T] x2, leaves
+            logprobs, entropy, rng_states = chunk_logprobs(policy, batch, chunks, temperature, numerics, version)  # leaves
         else:
             with perturbed(model, deltas):  # no hooks when ALP is off
-                logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True)  # [B, T] x2
-        prox, prox_metrics = resolve_proximal(proximal, logprobs, prox, batch.behavior_logprobs, batch.policy_version,
+                logprobs, entropy = token_logprobs(policy, batch, temperature=temperature, with_entropy=True, numerics=
+                                                   forward_numerics(numerics, FORWARD_TRAIN, version))  # [B, T] x2
+        prox, prox_metrics = resolve_proximal(proximal, logprobs, prox, batch.behavior_logprobs,  # versions per token when async
+                                              batch.policy_version if batch.token_version is None else batch.token_version,
                                               policy_version, mask)  # [B, T] or None (reweight/proximal.py)
         extra.update(prox_metrics)
         if ctx is None:
             ctx = loss_context(obj, batch, model, temperature=temperature, extra=context, ref_model=ref_model,
-                               ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None)
+                               ref_logprobs=ref_lp, expert=expert_batch, with_ref=bool(kl_coef) and ref_model is not None,
+                               numerics=numerics)
     logprobs, entropy = logprobs.float(), entropy.float()  # [B, T] x2: the objective sees fp32
     ref_lp = ctx.get("ref_logprobs")  # [B, T] or None
     t1 = time.perf_counter()
@@ -358,7 +371,7 @@ def update_step(
     total.backward()  # chunked: into the leaves (and the expert graph), then one chunk at a time
     if chunked:
         with autocast_context(autocast, model):
-            backward_chunks(policy, batch, chunks, temperature, logprobs, entropy, rng_states)
+            backward_chunks(policy, batch, chunks, temperature, logprobs, entropy, rng_states, numerics, version)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -22,23 +22,30 @@ every objective here sees ratios of 1 and computes the same gradient, so it is r
 per objective) and the grid ``prosperity-stale`` (``staleness`` x ``objective``), each over the
 same seeds. ``SIZES`` names the scales; the built-in default model and task are used unchanged.
 
-**Statistics** (``runs_table``). ``final``: mean of the last ``FINAL_EVALS`` held-out evaluations
-(one evaluation on 256 problems has a binomial standard error of ~3 points; averaging three
-reduces it). ``best``: the highest single evaluation. ``collapse``: the first evaluated update
-after the best at which accuracy is below the run's starting accuracy (the policy became worse
-than where it began; None if never). ``zeroed``: mean fraction of tokens whose gradient the
-objective zeroed (``offpolicy/clipfrac`` + ``offpolicy/masked_frac``: PPO clipping, M2PO masking);
-``truncated``: mean fraction whose weight was capped but still carries gradient (CISPO, TOPR).
-Seeds are summarised as mean and spread (half the max - min range; with two seeds, the distance
-of each seed from the mean); the report's intervals across seeds are in
-``workbench.studies.prosperity_intervals``.
+**Statistics** (``runs_table``, in ``workbench.studies.prosperity_stats``). ``final``: mean of the
+last ``FINAL_EVALS`` held-out evaluations (one evaluation on 256 problems has a binomial standard
+error of ~3 points; averaging three reduces it). ``best``: the highest single evaluation.
+``collapse``: the first evaluated update after the best at which accuracy is below the run's
+starting accuracy (the policy became worse than where it began; None if never). ``zeroed``: mean
+fraction of tokens whose gradient the objective zeroed (``offpolicy/clipfrac`` +
+``offpolicy/masked_frac``: PPO clipping, M2PO masking); ``truncated``: mean fraction whose weight
+was capped but still carries gradient (CISPO, TOPR). Seeds are summarised as mean and spread (half
+the max - min range; with two seeds, the distance of each seed from the mean); the report's
+intervals across seeds are in ``workbench.studies.prosperity_intervals``. Three more statements
+from other papers (TOPR, Clip-Cov / KL-Cov, online DPO), which statements reproduce, and "How
+stale can I go?" are in ``workbench.studies.prosperity_checks`` and
+``workbench.studies.prosperity_howstale``.
 
 **Seeds, and what they cost.** The report's grid (``SIZES["cpu"]``) runs 3 seeds per cell: 63
 runs of 300 updates, about 135 minutes on 2 cores, half again the 42 runs (about 90 minutes) of 2
 seeds. Two seeds give a bootstrap interval that is just their range, one seed none at all; three
 is the fewest at which an interval across seeds means something, and still covers less than 95%.
 The workshop size keeps one seed (7 runs, about 8 minutes, for a classroom): its report shows
-each run's Wilson interval of one evaluation instead, the evaluation noise only.
+each run's Wilson interval of one evaluation instead, the evaluation noise only. A named size's
+folders do not carry its seed count: a 2-seed folder resumed by the 3-seed grid keeps the runs
+whose configs are unchanged and adds the third seed, said in one line before it runs; two folders
+recording different seed counts are refused, and the report states its seed count
+(``workbench.studies.prosperity_sweeps``).
 
 Left out: staleness-adaptive learning rates, the paper's model sizes and tasks (see the report's
 scale section), significance tests (two or three seeds cannot support them).
@@ -50,6 +57,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -62,10 +70,10 @@ from workbench.notebook import TINY_REWARDS
 from workbench.policy.model import TINY_MODEL, ModelConfig, build_model, save_policy
 from workbench.policy.tokenizer import build_char_tokenizer
 from workbench.steps.reweight import OBJECTIVES
+from workbench.studies.prosperity_stats import FINAL_EVALS, ONPOLICY, STATS, collapse_update, runs_table, summary_table
+from workbench.studies.prosperity_sweeps import check_seed_counts, record_wall, seed_change
 from workbench.sweeps import MERGED_FILE, RUNS_FILE, SPEC_FILE, read_sweep, sweep
 
-FINAL_EVALS = 3  # "final" accuracy = mean of the last 3 held-out evaluations
-ONPOLICY = "on-policy"  # the objective label of the reference runs in tables and charts
 
 
 @dataclass(frozen=True)
@@ -163,18 +171,27 @@ def run_sweeps(size: str | Size = "cpu", *, base=None, out_dir: str = "runs", pr
     prefix = prefix or sweep_prefix(size, base, base.out_dir or "runs")
     common = dict(seeds=size.seeds, workers=workers, threads_per_run=threads_per_run, ray=ray, progress=progress,
                   log=log)
-    sweep(base, {"staleness": [0], "objective": ["ppo_clip"]}, name=f"{prefix}-onpolicy", **common)
-    sweep(base, {"staleness": list(size.staleness), "objective": list(size.objectives)}, name=f"{prefix}-stale",
-          **common)
-    return load_sweeps(base.out_dir or "runs", prefix)
+    out, t0 = base.out_dir or "runs", time.perf_counter()
+    for line in seed_change(out, prefix, size.seeds):  # a 2-seed folder resumed with 3 seeds: said, never silent
+        log(line)
+    try:
+        sweep(base, {"staleness": [0], "objective": ["ppo_clip"]}, name=f"{prefix}-onpolicy", **common)
+        sweep(base, {"staleness": list(size.staleness), "objective": list(size.objectives)}, name=f"{prefix}-stale",
+              **common)
+    finally:  # a stopped sweep's time counts too: the next call continues it
+        record_wall(out, prefix, time.perf_counter() - t0)
+    return load_sweeps(out, prefix)
 
 
 def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFrame:
     """The merged metrics of sweeps already run (``run_sweeps``' folders), without running anything.
 
-    Adds ``initial_accuracy`` (each run's held-out accuracy before its first update, from
-    ``sweep_runs.parquet``); the reference runs' ``objective`` is ``ON_POLICY``.
+    Adds ``initial_accuracy`` (each run's held-out accuracy before its first update) and
+    ``run_seconds`` (its wall time), both from ``sweep_runs.parquet``; the reference runs'
+    ``objective`` is ``ON_POLICY``. Two folders recording different seed counts are refused
+    (``prosperity_sweeps.check_seed_counts``).
     """
+    check_seed_counts(out_dir, prefix)
     parts = []
     for kind in ("onpolicy", "stale"):
         folder = Path(out_dir) / f"{prefix}-{kind}"
@@ -186,9 +203,10 @@ def load_sweeps(out_dir: str = "runs", prefix: str = "prosperity") -> pl.DataFra
         col = "summary/eval/initial_accuracy"
         if runs_file.is_file():
             runs = pl.read_parquet(runs_file)
-            if col in runs.columns:
-                df = df.join(runs.select("run", pl.col(col).cast(pl.Float64).alias("initial_accuracy")), on="run",
-                             how="left")
+            extra = [pl.col(c).cast(pl.Float64).alias(a) for c, a in ((col, "initial_accuracy"),
+                                                                       ("seconds", "run_seconds")) if c in runs.columns]
+            if extra:
+                df = df.join(runs.select("run", *extra), on="run", how="left")
         if kind == "onpolicy":
             df = df.with_columns(pl.lit(ONPOLICY).alias("objective"))
         parts.append(df)
@@ -220,88 +238,25 @@ def _size(size: str | Size) -> Size:
     return SIZES[size]
 
 
-# ----------------------------------------------------------------------------- per-run statistics
-def collapse_update(updates: list[int], accuracy: list[float], initial: float) -> int | None:
-    """First evaluated update after the best at which accuracy < ``initial`` (None if none)."""
-    if not accuracy:
-        return None
-    best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))  # first occurrence of the max
-    for u, a in zip(updates[best + 1:], accuracy[best + 1:]):
-        if a < initial:
-            return int(u)
-    return None
-
-
-def _col_mean(df: pl.DataFrame, col: str) -> float:
-    if col not in df.columns:
-        return 0.0
-    v = df.get_column(col).cast(pl.Float64).drop_nulls().drop_nans()
-    return float(v.mean()) if len(v) else 0.0
-
-
-def runs_table(df: pl.DataFrame) -> pl.DataFrame:
-    """One row per successful run: objective, staleness, seed, initial, final, best, best_update,
-    collapse, zeroed, truncated, m2, ess, entropy, response_len (module docstring for definitions).
-
-    ``initial`` is the held-out accuracy before the first update (``summary/eval/initial_accuracy``
-    when the sweep recorded it, else the first evaluation).
-    """
-    need = {"run", "status", "objective", "staleness", "seed", "update", "eval/accuracy"}
-    missing = sorted(need - set(df.columns))
-    if missing:
-        raise WorkbenchError(f"sweep metrics lack column(s) {', '.join(missing)}: not a prosperity sweep")
-    rows = []
-    for (run,), part in df.filter(pl.col("status") == "ok").group_by(["run"], maintain_order=True):
-        part = part.sort("update")
-        ev = part.filter(pl.col("eval/accuracy").is_not_null())
-        updates = [u + 1 for u in ev["update"].to_list()]  # evaluated after update u: policy version u + 1
-        acc = [float(a) for a in ev["eval/accuracy"].to_list()]
-        initial = part["initial_accuracy"][0] if "initial_accuracy" in part.columns else None
-        if initial is None or (isinstance(initial, float) and math.isnan(initial)):
-            initial = acc[0] if acc else float("nan")
-        best_i = max(range(len(acc)), key=lambda i: (acc[i], -i)) if acc else None
-        rows.append({
-            "objective": part["objective"][0], "staleness": int(part["staleness"][0]), "seed": int(part["seed"][0]),
-            "run": run, "updates": int(part["update"].max()) + 1, "initial": float(initial),
-            "final": sum(acc[-FINAL_EVALS:]) / len(acc[-FINAL_EVALS:]) if acc else float("nan"),
-            "best": acc[best_i] if acc else float("nan"), "best_update": updates[best_i] if acc else None,
-            "collapse": collapse_update(updates, acc, float(initial)),
-            "zeroed": _col_mean(part, "offpolicy/clipfrac") + _col_mean(part, "offpolicy/masked_frac"),
-            "truncated": _col_mean(part, "offpolicy/truncated_frac"),
-            "m2": _col_mean(part, "offpolicy/m2"), "ess": _col_mean(part, "offpolicy/ess_token"),
-            "entropy": _col_mean(part, "loss/entropy"), "response_len": _col_mean(part, "reward/response_len_mean"),
-        })
-    if not rows:
-        raise WorkbenchError("the sweep has no successful run: nothing to summarise")
-    return pl.from_dicts(rows, infer_schema_length=None).sort(["staleness", "objective", "seed"])
-
-
-STATS = ("initial", "final", "best", "zeroed", "truncated", "m2", "ess", "entropy", "response_len")
-
-
-def summary_table(runs: pl.DataFrame) -> pl.DataFrame:
-    """Objective x staleness: ``<stat>`` = mean over seeds and ``<stat>_spread`` = (max - min) / 2 for
-    every statistic in ``STATS``; ``seeds``; ``collapsed`` = how many seeds collapsed and
-    ``collapse`` = the mean collapse update over those (None if none did)."""
-    aggs = [pl.len().alias("seeds")]
-    for s in STATS:
-        aggs += [pl.col(s).mean().alias(s), ((pl.col(s).max() - pl.col(s).min()) / 2).alias(f"{s}_spread")]
-    aggs += [pl.col("collapse").is_not_null().sum().alias("collapsed"), pl.col("collapse").mean().alias("collapse")]
-    order = {ONPOLICY: -1}
-    out = runs.group_by(["objective", "staleness"]).agg(aggs)
-    return out.with_columns(pl.col("objective").replace_strict(order, default=0).alias("_o")).sort(
-        ["_o", "staleness", "objective"]).drop("_o")
-
-
 # ----------------------------------------------------------------------------- the four checks
 @dataclass(frozen=True)
 class Check:
     """One must-hold statement evaluated on the data: ``holds`` is None when the data cannot say."""
 
     name: str
+    """Its letter: a-d (``check_claims``), e-g (``prosperity_checks``)."""
     statement: str
+    """What is claimed, with the rule that decides it."""
     holds: bool | None
+    """True / False from the estimates; None: not measured."""
     evidence: str
+    """The numbers behind ``holds`` (or what to add to the grid to measure it)."""
+    source: str = ""
+    """The paper the statement comes from (authors, year, title, arXiv id); a-d: M2PO."""
+    intervals: str = ""
+    """Its 95% intervals across seeds, when the check computes them itself (e-g)."""
+    settled: bool | None = None
+    """Whether the intervals settle ``holds`` (e-g; a-d: ``prosperity_intervals.settled``)."""
 
 
 def _cell(table: pl.DataFrame, objective: str, staleness: int) -> dict[str, Any] | None:
@@ -387,8 +342,9 @@ def check_claims(table: pl.DataFrame, *, staleness: int | None = None, margin: f
     return out
 
 
-__all__ = ["FINAL_EVALS", "ONPOLICY", "SIZES", "STATS", "Check", "Size", "base_config", "check_claims", "drift_matched_staleness", "PAPER_CLIPFRAC", "resolve_size", "tiny_base",
-           "collapse_update", "load_sweeps", "run_sweeps", "runs_table", "summary_table", "sweep_base", "sweep_prefix"]
+__all__ = ["FINAL_EVALS", "ONPOLICY", "PAPER_CLIPFRAC", "SIZES", "STATS", "Check", "Size", "base_config",
+           "check_claims", "collapse_update", "drift_matched_staleness", "load_sweeps", "resolve_size", "run_sweeps",
+           "runs_table", "summary_table", "sweep_base", "sweep_prefix", "tiny_base"]
 
 
 if __name__ == "__main__":  # pragma: no cover

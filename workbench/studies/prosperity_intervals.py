@@ -26,6 +26,7 @@ one comparison of fractions, has its interval).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -130,11 +131,79 @@ def against(name: str, interval: Interval, threshold: float, *, scale: float = 1
     return f"{value}, {bounds} includes {t}: not resolved"
 
 
+class Part(NamedTuple):
+    """One comparison behind a statement: ``label``'s ``interval`` against ``threshold``."""
+
+    label: str
+    """What is compared, e.g. ``on-policy - m2po final``."""
+    interval: Interval
+    """The estimate and its 95% interval (NaN bounds: none)."""
+    threshold: float
+    """The value the statement compares with."""
+    above: bool
+    """True: the statement needs the value above ``threshold``; False: below."""
+    digits: int = 1
+    """Decimals shown (after scaling to points or percent)."""
+    unit: str = " points"
+    """Unit shown after the numbers."""
+    scale: float = 100.0
+    """Shown = value x scale (100: fractions as points; 1: nats)."""
+
+
+def part_text(p: Part) -> str:
+    """``against`` of one part (whether its threshold lies outside the interval)."""
+    return against(p.label, p.interval, p.threshold, scale=p.scale, digits=p.digits, unit=p.unit)
+
+
+def part_side(p: Part) -> bool | None:
+    """True when the whole interval is on the side the statement needs, False when it is all on the
+    other side, None when it includes the threshold or there is no interval."""
+    _, lo, hi = p.interval
+    if not _finite(lo, hi):
+        return None
+    if lo > p.threshold or hi < p.threshold:
+        return (lo > p.threshold) == p.above
+    return None
+
+
+def settled(holds: bool | None, parts: list[Part]) -> bool | None:
+    """Whether the intervals settle a verdict: a statement that holds is settled when every part's
+    interval lies on the needed side, one that does not hold when some part's lies on the wrong
+    side; None without a verdict or parts."""
+    if holds is None or not parts:
+        return None
+    sides = [part_side(p) for p in parts]
+    return all(s is True for s in sides) if holds else any(s is False for s in sides)
+
+
+def check_parts(name: str, runs: pl.DataFrame, staleness: int | None) -> list[Part]:
+    """The comparisons behind statement ``name`` (b-d of ``check_claims``) at ``staleness``; [] when its
+    cells are missing. Thresholds: ``CHECK_THRESHOLDS``."""
+    _need_runs(runs)
+    margin, degrade, ratio = (CHECK_THRESHOLDS[k] for k in ("margin", "degrade", "ratio"))
+    ref = seed_values(runs, ONPOLICY, 0)
+    if staleness is None or not len(ref):
+        return []
+    v = {(o, c): seed_values(runs, o, staleness, c) for o in ("is", "ppo_clip", "m2po") for c in ("final", "zeroed")}
+    if name == "b" and len(v["is", "final"]) and len(v["ppo_clip", "final"]):
+        per_run = runs.with_columns((pl.col("best") - pl.col("initial")).alias("_rise"),
+                                    (pl.col("best") - pl.col("final")).alias("_fall"))
+        return [Part("is rise from its start", _ci(seed_values(per_run, "is", staleness, "_rise")), degrade, True),
+                Part("is fall from its best", _ci(seed_values(per_run, "is", staleness, "_fall")), degrade, True),
+                Part("on-policy - ppo_clip final", difference_interval(ref, v["ppo_clip", "final"], CONFIDENCE),
+                     margin, True)]  # rise and fall are within each run: paired
+    if name == "c" and len(v["m2po", "final"]):
+        return [Part("on-policy - m2po final", difference_interval(ref, v["m2po", "final"], CONFIDENCE), margin, False)]
+    if name == "d" and len(v["m2po", "zeroed"]) and len(v["ppo_clip", "zeroed"]):
+        d = difference_interval(v["m2po", "zeroed"], ratio * v["ppo_clip", "zeroed"], CONFIDENCE)
+        return [Part(f"m2po masked - {ratio:g} x ppo_clip clipped", d, 0.0, False, 3, "% of tokens")]
+    return []
+
+
 def check_interval(name: str, runs: pl.DataFrame, staleness: int | None, eval_n: int | None = None) -> str:
     """The intervals behind statement ``name`` (a-d of ``check_claims``) at ``staleness``, as one
     sentence ("" when its cells are missing); thresholds: ``CHECK_THRESHOLDS``."""
     _need_runs(runs)
-    margin, degrade, ratio = (CHECK_THRESHOLDS[k] for k in ("margin", "degrade", "ratio"))
     ref = seed_values(runs, ONPOLICY, 0)
     if name == "a":
         if not len(ref):
@@ -149,30 +218,7 @@ def check_interval(name: str, runs: pl.DataFrame, staleness: int | None, eval_n:
             return (f"one seed: its last evaluation {_pts(row['last'])}%, Wilson {100 * CONFIDENCE:g}% "
                     f"[{_pts(row['last_lo'])}, {_pts(row['last_hi'])}] on {eval_n} problems")
         return "one seed: no interval"
-    if staleness is None or not len(ref):
-        return ""
-    v = {(o, c): seed_values(runs, o, staleness, c) for o in ("is", "ppo_clip", "m2po") for c in ("final", "zeroed")}
-    if name == "b":
-        if not (len(v["is", "final"]) and len(v["ppo_clip", "final"])):
-            return ""
-        per_run = runs.with_columns((pl.col("best") - pl.col("initial")).alias("_rise"),
-                                    (pl.col("best") - pl.col("final")).alias("_fall"))
-        rise = _ci(seed_values(per_run, "is", staleness, "_rise"))  # within each run: paired
-        fall = _ci(seed_values(per_run, "is", staleness, "_fall"))
-        gap = difference_interval(ref, v["ppo_clip", "final"], CONFIDENCE)
-        return "; ".join([against("is rise from its start", rise, degrade),
-                          against("is fall from its best", fall, degrade),
-                          against("on-policy - ppo_clip final", gap, margin)])
-    if name == "c":
-        if not len(v["m2po", "final"]):
-            return ""
-        return against("on-policy - m2po final", difference_interval(ref, v["m2po", "final"], CONFIDENCE), margin)
-    if name == "d":
-        if not (len(v["m2po", "zeroed"]) and len(v["ppo_clip", "zeroed"])):
-            return ""
-        d = difference_interval(v["m2po", "zeroed"], ratio * v["ppo_clip", "zeroed"], CONFIDENCE)
-        return against(f"m2po masked - {ratio:g} x ppo_clip clipped", d, 0.0, digits=3, unit="% of tokens")
-    return ""
+    return "; ".join(part_text(p) for p in check_parts(name, runs, staleness))
 
 
 def closest_lines(runs: pl.DataFrame) -> list[str]:
@@ -206,5 +252,6 @@ def _need_runs(runs: pl.DataFrame) -> None:
                              "run), not a summary table")
 
 
-__all__ = ["CHECK_THRESHOLDS", "CONFIDENCE", "IQM_MIN_SEEDS", "accuracy_text", "against", "cell_intervals",
-           "check_interval", "closest_lines", "gap_text", "last_evaluations", "seed_values", "with_last"]
+__all__ = ["CHECK_THRESHOLDS", "CONFIDENCE", "IQM_MIN_SEEDS", "Part", "accuracy_text", "against", "cell_intervals",
+           "check_interval", "check_parts", "closest_lines", "gap_text", "last_evaluations", "part_side", "part_text",
+           "seed_values", "settled", "with_last"]

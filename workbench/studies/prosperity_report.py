@@ -7,8 +7,10 @@ Held-out accuracy (logged every ``eval_every`` updates) is drawn as logged; per-
 smoothed with a trailing mean over ``smooth`` updates per run first. ``write_report`` renders the
 figures to PNG (offline, vl-convert) and writes the Markdown report: setup, the four checks with
 their evidence and intervals, the ranking per staleness, the objective x staleness table with
-intervals across seeds (``workbench.studies.prosperity_intervals``), figures, and the comparison
-with the paper's scale. ``python -m workbench report`` (``workbench.cli.report``) is the CLI.
+intervals across seeds (``workbench.studies.prosperity_intervals``), figures, the comparison
+with the paper's scale, three more statements from other papers and which statements reproduce
+(``workbench.studies.prosperity_checks``), "How stale can I go?" and the compute
+(``workbench.studies.prosperity_howstale``). ``python -m workbench report`` (``workbench.cli.report``) is the CLI.
 
 Left out: HTML output, per-token histograms of the ratios.
 """
@@ -27,8 +29,10 @@ from workbench.charts import ChartDisplay, save_png
 from workbench.errors import WorkbenchError
 from workbench.runs.rundir import atomic_write_text
 from workbench.stats import RESAMPLES, bootstrap_ci, wilson_interval
-from workbench.studies.prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, Check, check_claims, drift_matched_staleness,
-                         runs_table, summary_table)
+from workbench.studies.prosperity import (FINAL_EVALS, ONPOLICY, PAPER_CLIPFRAC, SIZES, Check, check_claims,
+                                          drift_matched_staleness, runs_table, summary_table)
+from workbench.studies.prosperity_checks import all_checks, more_checks, reproduce_lines
+from workbench.studies.prosperity_howstale import compute_lines, how_stale_lines
 from workbench.studies.prosperity_intervals import (CONFIDENCE, IQM_MIN_SEEDS, accuracy_text, cell_intervals,
                                                     check_interval, closest_lines, with_last)
 from workbench.sweeps.results import eval_problems
@@ -198,9 +202,10 @@ def check_lines(checks: list[Check], runs: pl.DataFrame | None = None, staleness
     mark = {True: "holds", False: "**does not hold**", None: "not measured"}
     out = []
     for c in checks:
-        why = check_interval(c.name, runs, staleness, eval_n) if runs is not None and c.holds is not None else ""
+        why = c.intervals or (check_interval(c.name, runs, staleness, eval_n)
+                              if runs is not None and c.holds is not None else "")
         out.append(f"- ({c.name}) {c.statement}: {mark[c.holds]}. {c.evidence}."
-                   + (f" Intervals: {why}." if why else ""))
+                   + (f" Intervals: {why}." if why else "") + (f" Source: {c.source}." if c.source else ""))
     return out
 
 
@@ -214,9 +219,11 @@ def _describe_base(base: dict[str, Any], steps: int) -> str:
 
 
 def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | None = None, figure_dir: str = "",
-                    figure_stems: tuple[str, ...] = (), size: str = "", seconds: float | None = None) -> str:
+                    figure_stems: tuple[str, ...] = (), size: str = "", seconds: float | None = None,
+                    wall: float | None = None) -> str:
     """The report's text. ``base``: the sweeps' base config (``RunConfig.to_dict()``, as in their
-    ``sweep.json``); ``figure_stems`` (of ``FIGURES``) are linked from ``figure_dir``, relative to the report."""
+    ``sweep.json``); ``figure_stems`` (of ``FIGURES``) are linked from ``figure_dir``, relative to the report;
+    ``wall``: the sweeps' wall time in seconds (``prosperity_sweeps.wall_seconds``; None: not recorded)."""
     runs = with_last(runs_table(df), df)
     table = summary_table(runs)
     matched = drift_matched_staleness(table)
@@ -245,6 +252,14 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
     ]
     if seconds is not None:
         out.append(f"- Compute: {seconds / 60:.0f} run-minutes in total.")
+    if size in SIZES and SIZES[size].seeds != seeds:  # e.g. a 2-seed sweep read under the 3-seed size
+        out.append(f"- These runs have {seeds} seed(s) per cell; size `{size}` now runs {SIZES[size].seeds}: "
+                   f"`{command}` adds the missing seeds (complete runs with unchanged configs are reused).")
+    counts = runs.group_by("objective", "staleness").len()
+    short = counts.filter(pl.col("len") < seeds).sort("staleness", "objective")
+    if short.height:  # a stopped or partly failed sweep: say which cells have fewer seeds than the rest
+        out.append(f"- Cells with fewer than {seeds} seeds: " + ", ".join(
+            f"{r['objective']} at {r['staleness']} ({r['len']})" for r in short.iter_rows(named=True)) + ".")
     if failed:
         out.append(f"- Failed runs (excluded): {', '.join(failed)}.")
     highest = max(stale) if stale else None
@@ -265,6 +280,10 @@ def render_markdown(df: pl.DataFrame, *, command: str, base: dict[str, Any] | No
                 for c in misses) + ".")
         else:
             out.append(f"- At staleness {st}: every statement measured holds (intervals: see the statements above).")
+    out += ["", "## What reproduces and what does not", ""]
+    for st in dict.fromkeys(x for x in (highest, matched) if x is not None):
+        out += reproduce_lines(all_checks(table, runs, st), st) + [""]
+    out += ["## Compute", ""] + compute_lines(df, wall)
     return "\n".join(out) + "\n"
 
 
@@ -280,6 +299,8 @@ def results_markdown(runs: pl.DataFrame, eval_n: int | None, level: str = "##") 
     highest = max(stale) if stale else None
     out = [f"{level} The four statements at the highest staleness ({highest})", ""]
     out += check_lines(check_claims(table), runs, highest, eval_n)
+    out += ["", f"{level} Three more statements at the highest staleness ({highest})", ""]
+    out += check_lines(more_checks(runs, highest))
     out += ["", f"{level} How stale is stale: a drift gauge", "",
             "Staleness counts updates, and how far a policy moves in one update depends on the model, the task "
             "and the learning rate. PPO's clipped-token fraction (eps 0.2) measures that distance in the same "
@@ -289,9 +310,11 @@ def results_markdown(runs: pl.DataFrame, eval_n: int | None, level: str = "##") 
         out += [f"So this setup's staleness-{matched} data is about as far from the policy as the paper's "
                 f"staleness-256 data. The four statements at staleness {matched}:", ""]
         out += check_lines(check_claims(table, staleness=matched), runs, matched, eval_n)
+        out += check_lines(more_checks(runs, matched))
     elif matched is not None:
         out.append(f"The highest staleness ({highest}) is also the drift-matched one.")
     out += ["", f"{level} Closest to on-policy", ""] + closest_lines(runs)
+    out += ["", f"{level} How stale can I go?", ""] + how_stale_lines(runs)
     out += ["", f"{level} Objective x staleness", "", markdown_table(table, runs, eval_n=eval_n)]
     return "\n".join(out)
 
@@ -322,7 +345,7 @@ def _interval_text(seeds: int) -> str:
 
 def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *, command: str,
                  base: dict[str, Any] | None = None, size: str = "", seconds: float | None = None,
-                 log: Callable[[str], None] = print) -> Path:
+                 wall: float | None = None, log: Callable[[str], None] = print) -> Path:
     """Render the figures next to ``path`` (``<stem>/<figure>.png``) and write the Markdown."""
     path = Path(path)
     fig_dir = path.parent / path.stem
@@ -331,7 +354,7 @@ def write_report(df: pl.DataFrame, path: str | Path = "reports/prosperity.md", *
     for stem, chart in charts.items():
         save_png(chart, fig_dir / f"{stem}.png")
     text = render_markdown(df, command=command, base=base, figure_dir=path.stem, figure_stems=tuple(charts), size=size,
-                           seconds=seconds)
+                           seconds=seconds, wall=wall)
     atomic_write_text(path, text)
     log(f"report: {path} (figures in {fig_dir})")
     return path

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from workbench.errors import WorkbenchError, bad_value
+from workbench.policy.numerics import LogitNumerics, check_logits_dtype, check_noise, numerics_or_none
 from workbench.rollouts import Rollouts
 from workbench.tasks import Example
 
@@ -56,6 +57,15 @@ class SamplingParams:
     """T_min: the lowest per-token temperature when ``adaptive_temperature`` > 0."""
     adaptive_temperature_max: float = 2.0
     """T_max: the highest per-token temperature when ``adaptive_temperature`` > 0."""
+    logits_dtype: str = ""
+    """'' (exact) | bf16 | fp16: the engine's raw logits are rounded to this dtype before processing
+    (a low-precision lm_head; ``workbench.policy.numerics``)."""
+    logit_noise: float = 0.0
+    """Std of Gaussian noise added to the raw logits at every decode step (0 = off;
+    ``workbench.policy.numerics``)."""
+    record_kept: bool = False
+    """Record each sampled position's kept top-k / top-p set as ``Rollouts.sampling_kept`` (the
+    sampling-mask replay; only when top-k or top-p truncates)."""
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -79,6 +89,10 @@ class SamplingParams:
         if isinstance(hi, bool) or not isinstance(hi, (int, float)) or not lo <= hi < float("inf"):
             raise bad_value("SamplingParams.adaptive_temperature_max", hi,
                             f"a finite number >= adaptive_temperature_min={lo}")
+        check_logits_dtype("SamplingParams.logits_dtype", self.logits_dtype)
+        check_noise("SamplingParams.logit_noise", self.logit_noise)
+        if not isinstance(self.record_kept, bool):
+            raise bad_value("SamplingParams.record_kept", self.record_kept, "true or false")
 
     def for_task(self, task: "Task") -> "SamplingParams":
         """These params with ``max_new_tokens`` filled from ``task.max_answer_tokens`` if unset."""
@@ -88,8 +102,20 @@ class SamplingParams:
 
     @property
     def full_distribution(self) -> bool:
-        """True when behaviour log-probs equal the temperature-scaled full softmax."""
-        return self.temperature > 0 and self.top_p >= 1.0 and self.top_k == 0 and self.adaptive_temperature == 0
+        """True when behaviour log-probs equal the temperature-scaled full softmax of the model's exact
+        logits (no truncation, no per-token temperature, no injected rounding or noise)."""
+        return (self.temperature > 0 and not self.truncates and self.adaptive_temperature == 0
+                and not self.logits_dtype and self.logit_noise == 0)
+
+    @property
+    def truncates(self) -> bool:
+        """True when top-k or top-p removes tokens from the sampled distribution."""
+        return self.top_p < 1.0 or self.top_k > 0
+
+    @property
+    def numerics(self) -> LogitNumerics | None:
+        """The engine-side ``LogitNumerics`` (its seed is drawn per ``generate`` call), None = exact."""
+        return numerics_or_none(self.logits_dtype, self.logit_noise, 0)
 
 
 @runtime_checkable

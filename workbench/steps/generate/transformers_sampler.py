@@ -12,6 +12,12 @@ temperature (HAPO's Adaptive Temperature Sampling; the map and its citation are 
 ``workbench.steps.generate.sampler``); the behaviour log-probs are those of that per-token
 distribution, so they differ from the trainer's single-temperature ones even on-policy.
 
+``SamplingParams.logits_dtype`` / ``logit_noise`` perturb the raw logits of every decode step before
+they are processed (``workbench.policy.numerics``): the noise comes from a generator seeded by one draw
+of the run's token generator per ``generate`` call, so it is deterministic for the run's seed and
+fresh at every step. ``record_kept`` (with top-k / top-p) stores each step's kept set as
+``Rollouts.sampling_kept`` [B, T, K] (-1 padded) for the trainer's sampling-mask replay.
+
 Left out: repetition penalties, stop strings, beam search, speculative decoding.
 """
 
@@ -25,6 +31,7 @@ from packaging.version import Version
 from transformers import DynamicCache
 
 from workbench.errors import WorkbenchError
+from workbench.policy.numerics import kept_ids
 from workbench.rollouts import Rollouts
 from workbench.steps.generate.sampler import (SamplingParams, adaptive_temperatures, build_rollouts, check_generate_args,
                                               encode_prompts, process_logits)
@@ -84,18 +91,28 @@ class TransformersSampler:
         self.model.eval()
         try:
             with torch.inference_mode():
+                noise_gen = _noise_generator(params, generator, device)  # before token sampling's generator
+                kept: list | None = [] if params.record_kept and params.truncates and params.temperature > 0 else None
                 resp, resp_mask, logps = self._sample(
-                    ids.to(device), mask.to(device), group_size, params, device_generator(generator, device)
+                    ids.to(device), mask.to(device), group_size, params, device_generator(generator, device),
+                    noise_generator=noise_gen, kept=kept,
                 )
         finally:
             self.model.train(was_training)
         # Clone outside inference mode: inference tensors cannot enter autograd graphs later.
         resp, resp_mask, logps = (t.cpu().clone() for t in (resp, resp_mask, logps))  # [B, T]
-        return build_rollouts(examples, group_size, ids, mask, resp, resp_mask, logps,
-                              policy_version, self.tokenizer)
+        out = build_rollouts(examples, group_size, ids, mask, resp, resp_mask, logps,
+                             policy_version, self.tokenizer)
+        if kept is not None:
+            out = out.with_(sampling_kept=_stack_kept(kept, *resp.shape))  # [B, T, K]
+        return out
 
-    def _sample(self, prompt_ids, prompt_mask, group_size: int, params: SamplingParams, generator):
+    def _sample(self, prompt_ids, prompt_mask, group_size: int, params: SamplingParams, generator, *,
+                noise_generator: torch.Generator | None = None, kept: list | None = None):
         """Decode loop over N distinct prompts x ``group_size`` samples (B = N * group_size rows).
+
+        ``params.numerics`` perturb each step's raw logits (noise from ``noise_generator``); ``kept``
+        (a list) receives ``(step, rows [b], kept ids [b, K])`` per step for ``_stack_kept``.
 
         Each prompt is prefilled once and its KV cache copied to its group (prefill is most of the
         work when prompts are longer than answers). Finished rows are dropped from the batch and
@@ -122,15 +139,21 @@ class TransformersSampler:
         attn = prompt_mask  # [b, P + t] grows by one column per step
         next_pos = prompt_mask.sum(-1, keepdim=True)  # [b, 1]
         stop_ids = self.stop_ids.to(device)
+        numerics = params.numerics  # None = the exact path, bit for bit
         steps = 0
         for step in range(max_new):
+            if numerics is not None:
+                logits = numerics.apply(logits, noise_generator)  # [b, V] fp32
             if params.temperature == 0:
                 tok = logits.argmax(-1)  # [b]
                 lp = torch.zeros(tok.shape, dtype=torch.float32, device=device)  # [b]
             else:
                 # per-token temperature only when asked: alpha = 0 keeps the scalar path bit for bit
                 temps = adaptive_temperatures(logits, params) if params.adaptive_temperature > 0 else None  # [b]
-                logprobs = torch.log_softmax(process_logits(logits, params, temps), dim=-1)  # [b, V]
+                processed = process_logits(logits, params, temps)  # [b, V]
+                if kept is not None:
+                    kept.append((step, rows, kept_ids(processed)))  # [b], [b, K]
+                logprobs = torch.log_softmax(processed, dim=-1)  # [b, V]
                 tok = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)  # [b]
                 lp = logprobs.gather(-1, tok[:, None]).squeeze(-1)  # [b]
             resp[rows, step] = tok
@@ -150,6 +173,25 @@ class TransformersSampler:
             logits = out.logits[:, -1, :]  # [b, V]
             next_pos = next_pos + 1
         return resp[:, :steps], mask[:, :steps], logps[:, :steps]  # [B, T] each
+
+
+def _noise_generator(params: SamplingParams, generator: torch.Generator | None, device) -> torch.Generator | None:
+    """The generator of this call's logit noise on ``device``: seeded by one draw of the run's token
+    generator (deterministic for the run's seed, fresh per call); None when there is no noise."""
+    if params.logit_noise <= 0:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _stack_kept(kept: list, rows_total: int, steps: int) -> torch.Tensor:
+    """The per-step kept sets of ``_sample`` as one CPU tensor [B, T, K] long, -1 padded."""
+    width = max((ids.shape[1] for _, _, ids in kept), default=1)
+    out = torch.full((rows_total, steps, width), -1, dtype=torch.long)  # [B, T, K]
+    for step, rows, ids in kept:
+        if step < steps:
+            out[rows.cpu(), step, :ids.shape[1]] = ids.cpu()
+    return out
 
 
 def _select_rows(cache, idx: torch.Tensor) -> None:

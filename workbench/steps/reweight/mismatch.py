@@ -11,7 +11,9 @@ kernels), and the current trainer pi_theta. Per sampled token the log-ratio the 
 Drift is staleness (updates since v_b, and earlier minibatches of a reused batch); engine mismatch
 is what differs between two programs holding the same weights: kernels, dtype (a bf16 engine),
 and a truncated sampling distribution (top-k / top-p: mu is renormalised over fewer tokens than
-the trainer's full softmax, so that gap is counted here too).
+the trainer's full softmax, so that gap is counted here too, unless ``replay_sampling_mask`` makes
+the trainer renormalise over the same kept sets: ``workbench.policy.numerics``), and the injected
+logit rounding / noise of ``RunConfig``'s numerics knobs.
 
 Where log pi_gen comes from. A batch consumed by an update that starts at its generating version
 (staleness 0, no reuse: the default run) needs nothing extra: the update's own log-probs are
@@ -68,6 +70,7 @@ import torch
 
 from workbench.policy.fast_path import autocast_context
 from workbench.policy.logprobs import frozen_logprobs
+from workbench.policy.numerics import FORWARD_MEASURE, LogitNumerics, forward_numerics
 from workbench.rollouts import Rollouts
 from workbench.steps.reweight.inputs import LOG_RATIO_CLAMP
 
@@ -89,17 +92,21 @@ def sampled_rows(rollouts: Rollouts, groups: int, seed: int) -> torch.Tensor | N
 
 
 def attach_trainer_logprobs(model, rollouts: Rollouts, temperature: float, *, groups: int = 0, seed: int = 0,
-                            autocast: str = "") -> Rollouts:
+                            autocast: str = "", numerics: LogitNumerics | None = None) -> Rollouts:
     """``rollouts`` with ``trainer_logprobs`` = the model's log-probs of the sampled tokens (no grad,
     fp32, CPU, zeros at padding), at the sampling ``temperature``, under the trainer's ``autocast``
     (so a bf16 trainer's rounding lands in engine mismatch, not in drift). Call it while ``model``
     holds the weights that generated the batch. ``groups`` > 0 measures only the rows of
-    ``sampled_rows``; the other rows hold NaN (module doc, "The measured subset")."""
+    ``sampled_rows``; the other rows hold NaN (module doc, "The measured subset"). ``numerics``: the
+    trainer's logit numerics (``policy.numerics``; this forward gets its own noise draw), and a batch with
+    ``sampling_kept`` is scored on the sampler's kept sets, like the update's forwards."""
     rows = sampled_rows(rollouts, groups, seed)
+    numerics = forward_numerics(numerics, FORWARD_MEASURE, rollouts.policy_version)
     with autocast_context(autocast, model):
         if rows is None:
-            return rollouts.with_(trainer_logprobs=frozen_logprobs(model, rollouts, temperature).float().cpu())
-        part = frozen_logprobs(model, rollouts.select(rows), temperature).float().cpu()  # [b, T]
+            return rollouts.with_(trainer_logprobs=frozen_logprobs(model, rollouts, temperature,
+                                                                   numerics=numerics).float().cpu())
+        part = frozen_logprobs(model, rollouts.select(rows), temperature, numerics=numerics).float().cpu()  # [b, T]
     full = torch.full(tuple(rollouts.response_mask.shape), float("nan"))  # [B, T]
     full[rows] = part
     return rollouts.with_(trainer_logprobs=full)

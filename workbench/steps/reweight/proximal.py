@@ -19,9 +19,12 @@ each token's log-prob moves linearly with the version, and it is *not* workbench
 version k), which is one version later (tests/test_reweight_exactness.py shows both on synthetic
 log-probs).
 
-Per token or per sequence: AReaL stores a version per token; workbench's ``Rollouts.policy_version``
-is per sequence, because a whole completion is sampled by one version of the weights, so per-token
-alpha equals per-sequence alpha here. ``loglinear_alpha`` accepts either shape ([B] or [B, T]).
+Per token or per sequence: AReaL stores a version per token. With ``staleness_mode="fixed"`` a whole
+completion is sampled by one version of the weights, so ``Rollouts.policy_version`` [B] is exact and
+per-token alpha equals per-sequence alpha; with ``staleness_mode="async"`` and partial rollouts a
+completion continues under newer weights after each update and ``Rollouts.token_version`` [B, T] holds
+each token's version, which the update passes here instead (``steps/async_pipeline.py``).
+``loglinear_alpha`` accepts either shape ([B] or [B, T]).
 AReaL gives alpha = 0 to tokens with a negative version (prompt tokens); so does this.
 
 ``proximal="reuse_train_logp"``: AReaL's ``prox_logp_method="reuse_train_logp"`` (inclusionAI/AReaL,
