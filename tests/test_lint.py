@@ -305,3 +305,22 @@ def test_cli_lint_prints_warnings_and_strict_exits_1(capsys):
     assert "lint warning [clip_inert] staleness:" in capsys.readouterr().out
     assert main(["lint", "--correction", "nope"]) == 2
     assert "unknown correction preset 'nope'" in capsys.readouterr().err
+
+
+# ---- off-policy sources added by the async pipeline and the numerics knobs; the scratchpad's reward ----
+
+def test_async_and_injected_numerics_are_off_policy_sources():
+    from workbench.lint import offpolicy_sources
+    assert offpolicy_sources(RunConfig()) == []
+    assert [f for f, _ in offpolicy_sources(RunConfig(staleness_mode="async"))] == ["staleness_mode"]
+    assert [f for f, _ in offpolicy_sources(RunConfig(sampler_logits_dtype="bf16", trainer_logit_noise=0.1))] == [
+        "sampler_logits_dtype", "trainer_logit_noise"]
+    assert notes(RunConfig(staleness_mode="async")) != [ON_POLICY_NOTE]  # not called an on-policy run
+    assert not is_on_policy_reference(RunConfig(staleness_mode="async"))
+
+
+def test_scratchpad_with_a_whole_answer_reward_is_warned_and_final_answer_is_not():
+    assert "reward_stricter_than_verify" in codes(task="scratchpad")
+    assert fields("reward_stricter_than_verify", task="scratchpad") == ["rewards"]
+    assert "reward_stricter_than_verify" not in codes(task="scratchpad", rewards=(("final_answer", 1.0),))
+    assert "reward_stricter_than_verify" not in codes()  # other tasks: exact_match is what verify grades

@@ -108,7 +108,7 @@ Warning = LintWarning  # noqa: A001  (short alias; prefer LintWarning)
 CODES: tuple[str, ...] = (
     "clip_inert", "double_correction", "stale_ignored", "batch_dependent_aggregation", "m2po_tau_range",
     "truncated_support", "decoupled_without_correction", "lag_exceeds_steps", "no_group_baseline",
-    "eval_size_clipped",
+    "eval_size_clipped", "reward_stricter_than_verify",
 )
 
 
@@ -134,6 +134,11 @@ def offpolicy_sources(cfg: RunConfig) -> list[tuple[str, str]]:
         out.append(("top_k", f"top_k={cfg.top_k}"))
     if cfg.sampler != "transformers":  # another engine's kernels: a measured sampler-trainer mismatch
         out.append(("sampler", f"sampler={cfg.sampler}"))
+    if cfg.staleness_mode == "async":  # the simulated pipeline's lag (steps/async_pipeline.py)
+        out.append(("staleness_mode", "staleness_mode=async"))
+    for name in ("sampler_logits_dtype", "trainer_logits_dtype", "sampler_logit_noise", "trainer_logit_noise"):
+        if getattr(cfg, name):  # injected numerics (policy/numerics.py): a sampler-trainer mismatch by design
+            out.append((name, f"{name}={getattr(cfg, name)}"))
     return out
 
 
@@ -289,6 +294,14 @@ def lint(config: RunConfig) -> list[LintWarning]:
         warn("eval_size_clipped", "eval_size",
              f"eval_size={cfg.eval_size} is larger than the {cfg.task} held-out set: every evaluation uses "
              f"its {held} examples; set eval_size <= {held} (or a larger heldout_size in task_params)")
+
+    # reward_stricter_than_verify --------------------------------------------------------------------
+    if cfg.task == "scratchpad" and not any((r[0] if isinstance(r, (tuple, list)) else r) == "final_answer"
+                                            for r in cfg.rewards):
+        warn("reward_stricter_than_verify", "rewards",
+             "the scratchpad task's held-out accuracy grades only the final answer after '>', but these rewards "
+             "do not (exact_match grades the whole scratchpad); use rewards final_answer=1 to reward what is "
+             "evaluated")
 
     order = {c: i for i, c in enumerate(CODES)}
     return sorted(out, key=lambda w: order[w.code])
