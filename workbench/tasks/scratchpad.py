@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 
-from workbench.tasks.base import TASKS, Example, _check_int
+from workbench.tasks.base import TASKS, Example
 from workbench.tasks.synthetic import Addition
 
 COLUMN_CHARS = 9  # "a+b+c=ts,"
@@ -72,11 +72,7 @@ class Scratchpad(Addition):
     name = "scratchpad"
     defaults = {"min_digits": 2, "max_digits": 3, "heldout_size": 256}
 
-    def _validate(self) -> None:
-        p = self.params
-        _check_int(self.name, "min_digits", p["min_digits"], 1, 18)
-        _check_int(self.name, "max_digits", p["max_digits"], p["min_digits"], 18)
-        _check_int(self.name, "heldout_size", p["heldout_size"], 0)
+    # _validate: Addition's (the same params and ranges)
 
     def _draw(self, rng: random.Random) -> Example:
         a, b = self._operand(rng), self._operand(rng)
