@@ -14,8 +14,9 @@ import pytest
 from workbench import cli
 from workbench.cli import report as report_cli
 from workbench.errors import WorkbenchError
-from workbench.studies.prosperity import (ONPOLICY, SIZES, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
-                                  resolve_size, run_sweeps, runs_table, summary_table, sweep_prefix, tiny_base)
+from workbench.studies.prosperity import (ONPOLICY, SIZES, base_config, check_claims, collapse_update, drift_matched_staleness, load_sweeps,
+                                  report_path, resolve_size, run_sweeps, runs_table, summary_table, sweep_base, sweep_prefix,
+                                  tiny_base)
 from workbench.studies.prosperity_intervals import cell_intervals, check_interval, with_last
 from workbench.studies.prosperity_report import (BAND_TEXT, closest_lines, curve_chart, curve_frame, drift_table,
                                                  markdown_table, render_markdown, write_report)
@@ -266,7 +267,6 @@ def test_sweep_prefix_separates_sizes_and_bases():
     changed = resolve_size("workshop", steps=10)
     assert sweep_prefix(changed).startswith("prosperity-custom-") and sweep_prefix(changed) != sweep_prefix(
         resolve_size("workshop", steps=11))
-    from workbench.studies.prosperity import base_config
 
     assert sweep_prefix("cpu", base_config(SIZES["cpu"], lr=1e-4)).startswith("prosperity-custom-")
 
@@ -337,3 +337,24 @@ def test_a_stopped_report_is_one_line_with_the_signal_exit_code_and_writes_no_re
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["sweep runs/prosperity-stale stopped by SIGINT: 18 of 60 runs complete"]  # no "internal error"
     assert not out.exists()
+
+
+def test_the_scratchpad_regime_runs_every_objective_of_its_grid_on_the_scratchpad_task(tmp_path):
+    full = SIZES["scratchpad"]
+    base = base_config(full)
+    assert (base.task, base.lr, base.prefill_to_steps) == ("scratchpad", 2e-5, True)
+    assert dict(base.rewards) == {"final_answer": 1.0}  # graded as the task verifies: the final answer
+    assert SIZES["scratchpad-workshop"].overrides == full.overrides
+    assert report_path("cpu") == "reports/prosperity.md"
+    assert report_path("scratchpad") == "reports/prosperity-scratchpad.md"
+    out = str(tmp_path / "runs")
+    # the grid's two objectives that no other report grid has, on the scratchpad task, 2 updates each
+    size = resolve_size("scratchpad", steps=2, staleness="3", objectives="clip_cov,online_dpo", seeds=1)
+    assert {"clip_cov", "online_dpo"} <= set(full.objectives)
+    df = run_sweeps(size, base=tiny_base(size, out), workers=0, progress=False, log=lambda s: None)
+    runs = runs_table(df)
+    assert sorted(runs["objective"].to_list()) == sorted([ONPOLICY, "clip_cov", "online_dpo"])
+    assert sweep_base(out, sweep_prefix(size, tiny_base(size, out), out))["task"] == "scratchpad"
+    assert set(runs["updates"].to_list()) == {2}
+    generated = df.group_by("run").agg(pl.col("buffer/generated_batches").sum())["buffer/generated_batches"]
+    assert set(generated.to_list()) == {2.0}  # staleness 3 > 2 updates: only the 2 batches trained on

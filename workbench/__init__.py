@@ -22,4 +22,8 @@ PROCESS_DEFAULTS: dict[str, str] = {
 for _key, _value in PROCESS_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
+from workbench.deferred_imports import defer_rfc3987_syntax  # after the environment defaults
+
+defer_rfc3987_syntax()  # jsonschema (under altair) would build a grammar parser it never uses here
+
 __version__ = "0.1.0"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,19 +89,19 @@ class RunConfig:
     temperature: float = 1.0
     """Sampling temperature (live knob)."""
     top_p: float = 1.0
-    """Nucleus sampling; < 1 makes behaviour log-probs differ from the trainer's (truncated support)."""
+    """Nucleus sampling; < 1 makes behaviour log-probs differ from the trainer's (truncated support) (live knob)."""
     top_k: int = 0
-    """Top-k sampling; 0 = off."""
+    """Top-k sampling; 0 = off (live knob)."""
     replay_sampling_mask: bool = False
-    """Sampling-mask replay: the sampler records each position's kept top-k / top-p set and the trainer's log-probs (update, proximal, mismatch) renormalise over it, so truncated sampling adds no mismatch (DeepSeek-V3.2's Keep Sampling Mask; workbench.policy.numerics); sampler=transformers only."""
+    """Sampling-mask replay: the sampler records each position's kept top-k / top-p set and the trainer's log-probs (update, proximal, mismatch) renormalise over it, so truncated sampling adds no mismatch (DeepSeek-V3.2's Keep Sampling Mask; workbench.policy.numerics); sampler=transformers only (live knob)."""
     sampler_logits_dtype: str = ""
-    """Numerics knob: round the sampler's raw logits to '' (exact) | bf16 | fp16 before sampling (a low-precision lm_head; workbench.policy.numerics); sampler=transformers only."""
+    """Numerics knob: round the sampler's raw logits to '' (exact) | bf16 | fp16 before sampling (a low-precision lm_head; workbench.policy.numerics); sampler=transformers only (live knob)."""
     trainer_logits_dtype: str = ""
-    """Numerics knob: round the trainer's logits to '' (exact) | bf16 | fp16 in every log-prob forward (workbench.policy.numerics)."""
+    """Numerics knob: round the trainer's logits to '' (exact) | bf16 | fp16 in every log-prob forward (workbench.policy.numerics) (live knob)."""
     sampler_logit_noise: float = 0.0
-    """Numerics knob: std of Gaussian noise added to the sampler's logits, fresh per decode step (0 = off); sampler=transformers only."""
+    """Numerics knob: std of Gaussian noise added to the sampler's logits, fresh per decode step (0 = off); sampler=transformers only (live knob)."""
     trainer_logit_noise: float = 0.0
-    """Numerics knob: std of Gaussian noise added to the trainer's logits, a fresh draw per forward and per micro-batch piece (the chunking noise of a non-batch-invariant engine; 0 = off)."""
+    """Numerics knob: std of Gaussian noise added to the trainer's logits, a fresh draw per forward and per micro-batch piece (the chunking noise of a non-batch-invariant engine; 0 = off) (live knob)."""
     max_new_tokens: int = 0
     """Generation budget; 0 = the task's own answer budget."""
     adaptive_temperature: float = 0.0
@@ -157,6 +156,8 @@ class RunConfig:
     """Async: true = in-flight rollouts continue with the new weights after each update (per-token versions, Rollouts.token_version); false = a rollout keeps its start version to the end."""
     prefill_batches: int = 1
     """Queued batches one generate call produces during a buffer sync (the theta_0 prefill of a long lag: s + 1 batches); 1 = one call per batch, as before; n > 1 draws the same prompts per batch, samples them in one wider call and scores each batch on its own rows (workbench.steps.prefill)."""
+    prefill_to_steps: bool = False
+    """Fixed lag: generate only the batches the run's ``steps`` updates train on. With a lag of s the queue holds s + 1 batches, so the last s batches a run generates are never used (all but ``steps`` of the theta_0 prefill when s >= steps); true skips them: the same batches reach the same updates (with several minibatches or epochs, the shuffles of the last s updates differ), and a lag longer than the run costs ``steps`` generations instead of s + steps. A run continued past ``steps`` refills from the current policy, so its next batches are fresher than the lag (logged)."""
     updates_per_batch: int = 1
     """Epochs over each generated batch (PPO reuse); later passes are more off-policy."""
     num_minibatches: int = 1
@@ -304,6 +305,7 @@ class RunConfig:
                self.adaptive_temperature_max, f"a finite float >= adaptive_temperature_min={self.adaptive_temperature_min}")
         _check(self.adaptive_temperature == 0 or self.sampler == "transformers", "adaptive_temperature",
                self.adaptive_temperature, "0 with sampler=vllm (it samples each request at one temperature)")
+        _check(isinstance(self.prefill_to_steps, bool), "prefill_to_steps", self.prefill_to_steps, "true or false")
         _check(isinstance(self.replay_sampling_mask, bool), "replay_sampling_mask", self.replay_sampling_mask,
                "true or false")
         for name in ("sampler_logits_dtype", "trainer_logits_dtype"):

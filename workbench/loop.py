@@ -124,8 +124,7 @@ class Run:
     def step(self) -> dict[str, Any]:
         """One optimizer update. Knob changes made since the last step apply here."""
         t_start = time.perf_counter()
-        self._timing = {"perf/time_generate": 0.0, "perf/time_score": 0.0, "perf/time_sync": 0.0,
-                        "perf/time_trainer_logprobs": 0.0}
+        self._timing = dict.fromkeys(("perf/time_generate", "perf/time_score", "perf/time_sync", "perf/time_trainer_logprobs"), 0.0)
         self._apply_knob_changes()
         if self.initial_accuracy is None:
             self.initial_accuracy = self.evaluate()
@@ -140,9 +139,10 @@ class Run:
                 k, staleness=knobs.staleness // units, sync_every=max(1, knobs.sync_every // units),
                 max_staleness=knobs.max_staleness, produce=self._generate_and_score,
                 produce_batches=lambda n: [self._generate_and_score(made) for made in sample_batches(self, n)],
-                prefill_batches=cfg.prefill_batches, should_stop=self._stop.is_set)  # a stop mid-prefill: SyncStopped, the queue kept (run())
+                prefill_batches=cfg.prefill_batches, should_stop=self._stop.is_set,  # a stop mid-prefill: SyncStopped, the queue kept (run())
+                horizon=-(-(cfg.steps - k) // units) if cfg.prefill_to_steps and k < cfg.steps else None)
             if cfg.proximal == "recompute":  # AReaL: pi_prox = the policy when the batch's first update starts
-                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast, cfg.trainer_numerics()))
+                batch = batch.with_(prox_logprobs=proximal_logprobs(self.model, batch, knobs.temperature, cfg.autocast, knobs.trainer_numerics(cfg.seed)))
             self.minibatches = self._split(batch)
         minibatch = self.minibatches.pop(0)
         self.last_batch = minibatch  # the batch of the latest update (the notebooks' per-token view)
@@ -157,7 +157,7 @@ class Run:
             objective=self.objective, aggregation=cfg.aggregation, temperature=knobs.temperature, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
             kl_estimator=cfg.kl_estimator, kl_is_corrected=cfg.kl_is_corrected, entropy_coef=cfg.entropy_coef,
             ref_model=self.ref_model,
-            correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k, numerics=cfg.trainer_numerics(),
+            correction=cfg.correction_spec(), proximal=cfg.proximal, policy_version=k, numerics=knobs.trainer_numerics(cfg.seed),
             loss_scale_factor=cfg.loss_scale_factor or None, micro_batch_size=cfg.micro_batch_size, autocast=cfg.autocast, compile=cfg.compile,
             context={"step": k, "state": self.objective_state}, expert_batch=expert, keep_tokens=tokens, alp_scale=cfg.alp_scale)
         self.last_update_tokens = tokens
@@ -230,7 +230,7 @@ class Run:
         if cfg.measure_mismatch and later and len(rollouts):
             t2 = time.perf_counter()
             rollouts = attach_trainer_logprobs(self.model, rollouts, kn.temperature, groups=cfg.mismatch_sample,
-                                               seed=cfg.seed, autocast=cfg.autocast, numerics=cfg.trainer_numerics())  # a sampled subset (mismatch.py)
+                                               seed=cfg.seed, autocast=cfg.autocast, numerics=kn.trainer_numerics(cfg.seed))  # a sampled subset (mismatch.py)
             self._timing["perf/time_trainer_logprobs"] += time.perf_counter() - t2
         return rollouts, stats
 

@@ -13,8 +13,8 @@ import sys
 import time
 
 from workbench.sweeps import SweepStopped
-from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_staleness, load_sweeps, run_sweeps,
-                                          runs_table, summary_table, sweep_base, sweep_prefix)
+from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_staleness, load_sweeps, report_path,
+                                          run_sweeps, runs_table, summary_table, sweep_base, sweep_prefix)
 from workbench.studies.prosperity_sweeps import wall_seconds
 
 
@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
                         help="; ".join(f"{k}: staleness {v.staleness} x {len(v.objectives)} objectives x {v.seeds} "
                                        f"seed(s) x {v.steps} updates, {v.minutes} min on 2 cores"
                                        for k, v in SIZES.items()))
-    parser.add_argument("--out", default="reports/prosperity.md", help="the report (figures go to <stem>/)")
+    parser.add_argument("--out", default=None, help="the report (figures go to <stem>/; default: "
+                        "reports/prosperity.md for --size cpu, reports/prosperity-<size>.md otherwise)")
     parser.add_argument("--out-dir", default="runs", help="where the sweeps' folders go")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores // threads)")
     parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads per run (default 1)")
@@ -64,7 +65,7 @@ def cli_main(args) -> int:
     if "perf/time_step" in df.columns:
         seconds = float(df["perf/time_step"].sum())
     command = "python -m workbench report" + ("" if args.size == "cpu" else f" --size {args.size}")
-    write_report(df, args.out, command=command, base=sweep_base(args.out_dir, prefix), size=args.size, seconds=seconds,
+    write_report(df, args.out or report_path(args.size), command=command, base=sweep_base(args.out_dir, prefix), size=args.size, seconds=seconds,
                  wall=wall_seconds(args.out_dir, prefix), log=log)
     runs = runs_table(df)
     table = summary_table(runs)

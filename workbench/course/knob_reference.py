@@ -14,7 +14,9 @@ notebook: an ipywidgets HTML table with a frontend, a polars DataFrame without o
 
 Papers cited for the live knobs: Noukhovitch et al. 2024, Asynchronous RLHF: Faster and More
 Efficient Off-Policy RL for Language Models, arXiv:2410.18252 (training on samples from an older
-policy); Zheng et al. 2025, Prosperity before Collapse (M2PO), arXiv:2510.01161 (staleness up to 256).
+policy); Zheng et al. 2025, Prosperity before Collapse (M2PO), arXiv:2510.01161 (staleness up to 256);
+DeepSeek-AI 2025, DeepSeek-V3.2, arXiv:2512.02556 (the kept sampling mask); Kalamkar et al. 2019, A Study
+of BFLOAT16 for Deep Learning Training, arXiv:1905.12322 (bf16's 8 significant bits).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ COLUMNS = ("name", "kind", "default", "range", "live", "effect", "paper")
 ASYNC_RLHF = ("Noukhovitch et al. 2024, Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language "
               "Models, arXiv:2410.18252")
 M2PO = "Zheng et al. 2025, Prosperity before Collapse (M2PO), arXiv:2510.01161"
+DSV32 = "DeepSeek-AI 2025, DeepSeek-V3.2 (Keep Sampling Mask, Sec. 3.1), arXiv:2512.02556"
+BF16 = "Kalamkar et al. 2019, A Study of BFLOAT16 for Deep Learning Training, arXiv:1905.12322"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,32 @@ LIVE_KNOBS: dict[str, LiveKnobInfo] = {
         "a float > 0",
         "samples and trainer log-probs both use T (knob/temperature): a higher T raises loss/entropy and "
         "the reward spread within groups, so reward/zero_var_group_frac falls"),
+    "top_p": LiveKnobInfo(
+        "a float in (0, 1]",
+        "without the replay every ratio is scaled by p(kept set) >= top_p: offpolicy/raw_ratio_* fall below 1 and, "
+        "on policy too, offpolicy/clipfrac rises once that mass is below the clip band (top_p < 0.8 for "
+        "ppo_clip's clip_low 0.2); with replay_sampling_mask the ratios return to 1", DSV32),
+    "top_k": LiveKnobInfo(
+        "an integer >= 0",
+        "as top_p: a truncated sampler's ratios carry p(kept set) unless replay_sampling_mask is on", DSV32),
+    "sampler_logits_dtype": LiveKnobInfo(
+        "'' (exact) | bf16 | fp16",
+        "the sampler's rounded logits differ from the trainer's: mismatch/engine_* grow and, at lr = 1e-9, "
+        "offpolicy/clipfrac counts numerics alone", BF16),
+    "trainer_logits_dtype": LiveKnobInfo(
+        "'' (exact) | bf16 | fp16",
+        "as sampler_logits_dtype, on the trainer's side (update, proximal and mismatch forwards)", BF16),
+    "sampler_logit_noise": LiveKnobInfo(
+        "a finite float >= 0 (0 = off)",
+        "mismatch/engine_abs_mean grows with the std; offpolicy/clipfrac rises from 0 at lr = 1e-9"),
+    "trainer_logit_noise": LiveKnobInfo(
+        "a finite float >= 0 (0 = off)",
+        "a fresh draw per trainer forward: the ratios spread (offpolicy/ratio_* quantiles) and offpolicy/clipfrac "
+        "rises from 0 at lr = 1e-9; mismatch/engine_* measure it"),
+    "replay_sampling_mask": LiveKnobInfo(
+        "true or false",
+        "with top_p < 1 or top_k > 0: the trainer renormalises over the sampler's kept sets, so "
+        "offpolicy/raw_ratio_* return to 1 and the clipped fraction the truncation caused falls to 0", DSV32),
 }
 if set(LIVE_KNOBS) != set(LIVE_FIELDS):  # a knob added to LIVE_FIELDS must be described here before import works
     raise WorkbenchError(f"LIVE_KNOBS covers {sorted(LIVE_KNOBS)}, expected the live knobs {sorted(LIVE_FIELDS)}")

@@ -127,7 +127,7 @@ def fresh_sample(run, prompts: int, seed: int, sampler=None, version: int | None
     if sampler is run.sampler and sync is not None:  # an engine with its own weights: bring it to pi
         sync(run.model, run.version)
     examples = render_examples(run.tokenizer, run.task.sample(random.Random(seed), prompts), run.chat_template)
-    sp = SamplingParams(temperature=kn.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+    sp = SamplingParams(temperature=kn.temperature, top_p=kn.top_p, top_k=kn.top_k,
                         max_new_tokens=cfg.max_new_tokens or run.task.max_answer_tokens)
     rollouts = sampler.generate(examples, cfg.group_size, sp, generator=torch.Generator().manual_seed(seed),
                                 policy_version=run.version if version is None else version)

@@ -24,26 +24,21 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
-
-from transformers.utils import logging as hf_logging
 
 from workbench.errors import WorkbenchError, bad_value
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+# transformers is imported by the functions that build, load or save a model: importing it costs
+# ~2 s of a ~5 s ``import workbench.config`` (python -X importtime), which the CLI's --help, the
+# registries and the config checks do not need.
+
 ATTN_IMPLEMENTATION = "sdpa"
-ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+ARCH_NAMES = ("llama", "qwen2")
+"""The architectures ``ModelConfig.arch`` takes; ``ARCHS`` maps each to its (config, model) classes."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,8 +89,8 @@ class ModelConfig:
     """Share the input embedding and the output (LM head) matrix."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise bad_value("ModelConfig.arch", self.arch, f"one of {', '.join(ARCHS)}")
+        if self.arch not in ARCH_NAMES:
+            raise bad_value("ModelConfig.arch", self.arch, f"one of {', '.join(ARCH_NAMES)}")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size", "max_position_embeddings"):
             v = getattr(self, name)
@@ -119,7 +114,7 @@ class ModelConfig:
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     """A freshly initialised fp32 causal LM; the same (cfg, tokenizer, seed) gives the same weights."""
-    config_cls, model_cls = ARCHS[cfg.arch]
+    config_cls, model_cls = _archs()[cfg.arch]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hf_cfg = config_cls(
         vocab_size=len(tokenizer),
@@ -147,6 +142,20 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     return model
 
 
+def _archs() -> dict[str, tuple[type, type]]:
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    return {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def __getattr__(name: str) -> Any:
+    """``ARCHS`` (name -> (config class, model class)) is made on first use: it imports transformers."""
+    if name == "ARCHS":
+        return _archs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of distinct parameters (tied matrices counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -155,6 +164,8 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 @contextlib.contextmanager
 def _quiet_progress():
     """Hide transformers' per-call "Loading weights" / "Writing shards" bars (noise in notebooks)."""
+    from transformers.utils import logging as hf_logging
+
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -194,6 +205,8 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32",
     (a folder with only ``pytorch_model.bin`` / ``*.pt`` is refused with the command that converts
     it). A tokenizer without a pad token gets EOS as pad.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if dtype not in DTYPES:
         raise bad_value("dtype", dtype, " | ".join(DTYPES))
     device = resolve_device(device)

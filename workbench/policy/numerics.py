@@ -130,11 +130,13 @@ def numerics_or_none(dtype: str, noise: float, seed: int) -> LogitNumerics | Non
     return n if n.active else None
 
 
-def trainer_numerics(config: Any) -> LogitNumerics | None:
-    """The trainer-side numerics of a ``RunConfig`` (``trainer_logits_dtype``, ``trainer_logit_noise``,
-    seeded from ``seed``), or None when exact."""
+def trainer_numerics(config: Any, seed: int | None = None) -> LogitNumerics | None:
+    """The trainer-side numerics of a ``RunConfig`` or any object with its fields (the live
+    ``knobs.KnobValues``): ``trainer_logits_dtype``, ``trainer_logit_noise``, seeded from ``seed``
+    (default: the object's ``seed``), or None when exact."""
+    seed = getattr(config, "seed", 0) if seed is None else seed
     return numerics_or_none(getattr(config, "trainer_logits_dtype", ""), getattr(config, "trainer_logit_noise", 0.0),
-                            mix_seed(getattr(config, "seed", 0), 1))
+                            mix_seed(seed, 1))
 
 
 def kept_ids(processed: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,14 @@ Left out: normalisation (no lowercasing or unicode folding; characters outside t
 from __future__ import annotations
 
 import string
+from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:  # imported where a tokenizer is built: transformers is ~2 s of importing workbench.config
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = SPECIAL_TOKENS
@@ -37,6 +40,8 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     Ids: the four special tokens first (``<pad>`` = 0), then the alphabet's characters in order of
     first appearance (duplicates are dropped). The same alphabet always gives the same ids.
     """
+    from transformers import PreTrainedTokenizerFast
+
     if alphabet is None:
         alphabet = DEFAULT_ALPHABET
     if not isinstance(alphabet, str) or not alphabet:

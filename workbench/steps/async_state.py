@@ -116,6 +116,7 @@ def check_async_config(c: Any) -> None:
     why = "with staleness_mode=async"
     need(c.sampler == "transformers", "sampler", f"transformers {why} (the pipeline decodes with the trainer's model)")
     need(c.prefill_batches == 1, "prefill_batches", f"1 {why} (there is no queue prefill)")
+    need(not getattr(c, "prefill_to_steps", False), "prefill_to_steps", f"false {why} (there is no queue prefill)")
     need(c.batch_source == "fifo", "batch_source", f"fifo {why}")
     need(c.staleness == 0, "staleness", f"0 {why} (the simulated pipeline sets the lag)")
     need(c.sync_every == 1, "sync_every", f"1 {why} (weights reach generation at every update)")

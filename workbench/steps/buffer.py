@@ -156,6 +156,7 @@ class StalenessBuffer:
         self.synced_once = False
         self.log = log or (lambda s: None)  # progress lines of a long prefill
         self.carried: dict[str, float] = {}  # stats of a pop stopped mid-sync, for the next pop
+        self.cut = False  # a sync filled the queue only to the run's horizon (prefill_to_steps)
 
     @classmethod
     def from_config(cls, config: Any, log: Callable[[str], None] | None = None) -> "StalenessBuffer":
@@ -176,6 +177,7 @@ class StalenessBuffer:
         should_stop: Callable[[], bool] | None = None,
         produce_batches: ProduceBatches | None = None,
         prefill_batches: int = 1,
+        horizon: int | None = None,
     ) -> tuple[Rollouts, dict[str, float], dict[str, float]]:
         """The batch for the update that starts at ``version``.
 
@@ -183,7 +185,11 @@ class StalenessBuffer:
         the score metrics recorded when it was generated, and buffer metrics. ``should_stop()``
         True during a sync raises ``SyncStopped`` (module doc). ``produce_batches(n)`` with
         ``prefill_batches`` > 1: a sync makes up to that many batches per call (module doc, "batched prefill").
+        ``horizon``: the batches still to be consumed, this one included (``RunConfig.prefill_to_steps``):
+        a sync fills the queue to at most that many, since later batches would never be trained on.
         """
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"horizon={horizon!r}: expected an integer >= 1 (batches still to consume) or None")
         if isinstance(prefill_batches, bool) or not isinstance(prefill_batches, int) or prefill_batches < 1:
             raise WorkbenchError(f"prefill_batches={prefill_batches!r} is invalid: expected an integer >= 1 "
                                  f"(queued batches one generate call produces during a sync)")
@@ -196,7 +202,8 @@ class StalenessBuffer:
         while True:
             due = (not self.synced_once) or self.pops_since_sync >= sync_every or not self.queue
             if due:
-                self._sync(version, staleness, sync_every, produce, stats, should_stop, produce_batches, per_call)
+                self._sync(version, staleness, sync_every, produce, stats, should_stop, produce_batches, per_call,
+                           horizon)
             batch, score_metrics = self.queue.popleft()
             self.pops_since_sync += 1
             if max_staleness >= 0:
@@ -216,11 +223,17 @@ class StalenessBuffer:
 
     def _sync(self, version: int, staleness: int, sync_every: int, produce: Produce, stats: dict[str, float],
               should_stop: Callable[[], bool] | None = None, produce_batches: ProduceBatches | None = None,
-              per_call: int = 1) -> None:
+              per_call: int = 1, horizon: int | None = None) -> None:
         while len(self.queue) > staleness:  # lag lowered live: jump to the new lag at once
             self.queue.popleft()
             stats["buffer/dropped_batches"] += 1
         target = staleness + sync_every
+        if horizon is not None and horizon < target:  # batches past the run's last update: never generated
+            target, self.cut = horizon, True
+        elif horizon is None and self.cut and len(self.queue) < staleness:
+            self.log(f"buffer: continuing past the planned steps with a queue cut to them (prefill_to_steps): the "
+                     f"next {staleness - len(self.queue)} batches are fresher than the lag of {staleness}")
+            self.cut = False
         missing = target - len(self.queue)
         every = max(1, -(-missing // 10)) if missing > PROGRESS_MIN_BATCHES else 0  # ~10 progress lines
         if every:
@@ -280,7 +293,7 @@ class StalenessBuffer:
         src_tensors, src_meta = self.source.state(prefix="source.")
         tensors.update(src_tensors)
         return tensors, {"queue": metas, "pops_since_sync": self.pops_since_sync, "synced_once": self.synced_once,
-                         "carried": dict(self.carried), "source": src_meta}
+                         "carried": dict(self.carried), "source": src_meta, "cut": self.cut}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.queue = deque(
@@ -290,5 +303,6 @@ class StalenessBuffer:
         self.pops_since_sync = int(meta["pops_since_sync"])
         self.synced_once = bool(meta["synced_once"])
         self.carried = {str(k): float(v) for k, v in meta.get("carried", {}).items()}  # absent before
+        self.cut = bool(meta.get("cut", False))  # absent before prefill_to_steps
         # the source the checkpoint holds (absent before batch sources: fifo)
         self.source = source_from_state(tensors, meta["source"]) if "source" in meta else make_source("fifo")

@@ -26,15 +26,19 @@ from workbench.steps.score import score
 
 
 def sampling_params(config: Any, knobs: Any, task: Any) -> SamplingParams:
-    """How a run samples its training batches: ``config``'s fields, the live ``knobs.temperature``, the
-    task's answer budget when ``max_new_tokens`` is 0."""
+    """How a run samples its training batches: ``config``'s fields, the live knobs (temperature,
+    top_p, top_k, the sampler's logit dtype / noise, the sampling-mask replay: ``knobs``' values, the
+    config's where ``knobs`` lacks one), the task's answer budget when ``max_new_tokens`` is 0."""
+    def live(name: str) -> Any:
+        return getattr(knobs, name, getattr(config, name))
+
     return SamplingParams(
-        temperature=knobs.temperature, top_p=config.top_p, top_k=config.top_k,
+        temperature=knobs.temperature, top_p=live("top_p"), top_k=live("top_k"),
         max_new_tokens=config.max_new_tokens or task.max_answer_tokens,
         adaptive_temperature=config.adaptive_temperature, adaptive_temperature_min=config.adaptive_temperature_min,
         adaptive_temperature_max=config.adaptive_temperature_max,
-        logits_dtype=config.sampler_logits_dtype, logit_noise=config.sampler_logit_noise,
-        record_kept=config.replay_sampling_mask)
+        logits_dtype=live("sampler_logits_dtype"), logit_noise=live("sampler_logit_noise"),
+        record_kept=live("replay_sampling_mask"))
 
 
 def split_batches(rollouts: Rollouts, n: int, prompts: int) -> list[Rollouts]:

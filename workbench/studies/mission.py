@@ -109,7 +109,8 @@ ARMS = arms()
 
 def base_config(**fields: Any) -> RunConfig:
     """The built-in default at the mission's scale (module docstring); ``fields`` override it."""
-    return RunConfig(**{"steps": STEPS, "eval_every": EVAL_EVERY, "measure_mismatch": False, **fields})
+    return RunConfig(**{"steps": STEPS, "eval_every": EVAL_EVERY, "measure_mismatch": False,
+                        "prefill_to_steps": True, **fields})  # the same updates, no batch generated in vain
 
 
 def sweep_grids(arm_list: tuple[Arm, ...]) -> list[dict[str, list[Any]]]:

@@ -94,12 +94,32 @@ class Size:
     """RunConfig fields over the defaults (empty: the built-in default run)."""
 
 
+# The scratchpad regime (docs/design.md, "Tasks with LLM-like token statistics"): long answers with few
+# forking tokens (workbench/tasks/scratchpad.py), graded on the final answer only, at the learning rate
+# where a lag of 256 updates drifts about as far as the paper's: ppo_clip clipped 1.55% of tokens at lr
+# 2e-5 (3.5% at 2e-4; GRPO 1.22% in the paper). Every run generates only the batches it trains on
+# (prefill_to_steps), and no run measures the sampler/trainer mismatch (exact fp32 here: ~1e-7).
+SCRATCHPAD = {"task": "scratchpad", "rewards": (("final_answer", 1.0),), "lr": 2e-5, "prefill_to_steps": True,
+              "measure_mismatch": False}
+
 SIZES: dict[str, Size] = {
     "cpu": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=3,
                 steps=300, minutes="about 135 (estimated: 2 seeds took about 90)"),
     "workshop": Size(staleness=(64, 256), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=150,
                      minutes="about 8"),
+    "scratchpad": Size(staleness=(16, 256), objectives=("ppo_clip", "is", "m2po", "topr", "clip_cov", "online_dpo"),
+                       seeds=3, steps=100, minutes="about 150 (estimated: 39 runs at ~4.5 s per update)",
+                       overrides=SCRATCHPAD),
+    "scratchpad-workshop": Size(staleness=(256,), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=50,
+                                minutes="about 8 (estimated)", overrides=SCRATCHPAD),
 }
+REPORTS = {"cpu": "reports/prosperity.md"}
+"""Where ``python -m workbench report --size <size>`` writes; other sizes: reports/prosperity-<size>.md."""
+
+
+def report_path(size: str) -> str:
+    """The report file of a named size (``REPORTS``, else ``reports/prosperity-<size>.md``)."""
+    return REPORTS.get(size, f"reports/prosperity-{size}.md")
 
 
 def base_config(size: Size, out_dir: str = "runs", **fields: Any):
@@ -343,7 +363,8 @@ def check_claims(table: pl.DataFrame, *, staleness: int | None = None, margin: f
 
 
 __all__ = ["FINAL_EVALS", "ONPOLICY", "PAPER_CLIPFRAC", "SIZES", "STATS", "Check", "Size", "base_config",
-           "check_claims", "collapse_update", "drift_matched_staleness", "load_sweeps", "resolve_size", "run_sweeps",
+           "check_claims", "collapse_update", "drift_matched_staleness", "load_sweeps", "report_path", "resolve_size",
+           "run_sweeps",
            "runs_table", "summary_table", "sweep_base", "sweep_prefix", "tiny_base"]
 
 

@@ -9,7 +9,8 @@
 Widgets (ipywidgets, built in ``workbench.ui.widgets``): objective dropdown (the ``OBJECTIVES``
 registry), one slider or field per objective parameter generated from its ``Param`` metadata (range,
 liveness, doc as tooltip), staleness slider (0-256) with its mode (fixed lag s, or periodic sync
-every n updates), learning rate, temperature, updates target, Start / Pause / Step / Reset, a status
+every n updates), learning rate, temperature, the collapsed "Numerics" group (top-p / top-k, logit
+dtypes and noise, the sampling-mask replay: ``ui.widgets``), updates target, Start / Pause / Step / Reset, a status
 line (state, update, policy version, tokens/s), the recent knob changes, the live charts
 (``workbench.charts`` in ``workbench.ui.live``) and the per-token view of the latest batch
 (``workbench.ui.tokens``), and the "Branch here" box (``workbench.ui.branching``: fork the paused

@@ -5,6 +5,11 @@
 panel's run / thread logic reads on its own. A widget change that the knobs refuse is shown in
 the status line and the widget snaps back to its old value; ``_suppress`` stops programmatic
 changes (snapping back, syncing after a reset) from being sent as knob changes.
+
+The collapsible "Numerics" group holds the numerics knobs (``knobs.NUMERICS_FIELDS``,
+``workbench.policy.numerics``): top-p slider, top-k box, the sampler's and trainer's logit dtype,
+the two logit-noise sliders (0 to ``NOISE_MAX``) and the sampling-mask replay checkbox; each widget
+is keyed by its knob's name in ``widgets``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from workbench.ui.tokens import token_html
 
 STALENESS_MAX = 256
 MODES = (("fixed lag", "fixed"), ("sync_every", "sync"))
+NOISE_MAX = 0.5  # logit-noise std, nats: 5x the null test's default 0.1 (~10% of tokens outside [0.9, 1.1]: studies/null_test.py)
+DTYPES = (("exact", ""), ("bf16", "bf16"), ("fp16", "fp16"))
+NUMERICS_CASTS = {"top_p": float, "top_k": int, "sampler_logits_dtype": str, "trainer_logits_dtype": str,
+                  "sampler_logit_noise": float, "trainer_logit_noise": float, "replay_sampling_mask": bool}
+"""The numerics widgets (keyed by knob name) and how a widget's value becomes the knob's."""
 
 
 class PanelWidgets:
@@ -44,6 +54,7 @@ class PanelWidgets:
                                    readout_format=".1e", continuous_update=False, style=wide)
         w["temperature"] = W.FloatSlider(value=kn.temperature, min=0.1, max=2.0, step=0.05,
                                          description="temperature", continuous_update=False, style=wide)
+        w["numerics"] = self._numerics_group(W, kn, wide)
         w["steps"] = W.BoundedIntText(value=self.config.steps, min=1, max=10**6, description="updates",
                                       style=wide, layout=W.Layout(width="220px"))
         for name, icon in (("start", "play"), ("pause", "pause"), ("step", "step-forward"), ("reset", "refresh")):
@@ -58,6 +69,9 @@ class PanelWidgets:
         w["staleness"].observe(self._on_staleness, names="value")
         w["lr"].observe(lambda ch: self._set_knob(ch, lr=float(ch["new"])), names="value")
         w["temperature"].observe(lambda ch: self._set_knob(ch, temperature=float(ch["new"])), names="value")
+        for name, cast in NUMERICS_CASTS.items():
+            w[name].observe(lambda ch, name=name, cast=cast: self._set_knob(ch, **{name: cast(ch["new"])}),
+                            names="value")
         w["steps"].observe(lambda ch: setattr(self.trainer, "target", int(ch["new"])), names="value")
         w["start"].on_click(lambda _: self.start())
         w["pause"].on_click(lambda _: self.pause())
@@ -66,13 +80,42 @@ class PanelWidgets:
         self._rebuild_params()
 
         controls = W.VBox([w["objective"], w["objective_doc"], w["params"], w["mode"], w["staleness"], w["lr"],
-                           w["temperature"]], layout=W.Layout(width="560px"))
+                           w["temperature"], w["numerics"]], layout=W.Layout(width="560px"))
         buttons = W.VBox([W.HBox([w["start"], w["pause"], w["step"], w["reset"]]), w["steps"], w["knob_log"]])
         self.box = W.VBox([W.HBox([controls, buttons]), w["status"], w["health"], self.charts.widget, w["tokens"]])
         self.box.add_class("workbench-panel")
         self._status()
         self.widgets["tokens"].value = token_html(None, None)
         self.widgets["knob_log"].value = self._knob_log_html()
+
+    def _numerics_group(self, W, kn, style):
+        """The collapsed "Numerics" accordion; its widgets go into ``widgets`` under the knob names."""
+        w = self.widgets
+        w["top_p"] = W.FloatSlider(value=kn.top_p, min=0.05, max=1.0, step=0.01, description="top-p",
+                                   continuous_update=False, style=style)
+        w["top_k"] = W.BoundedIntText(value=kn.top_k, min=0, max=10**6, description="top-k (0 = off)", style=style,
+                                      layout=W.Layout(width="220px"))
+        for side in ("sampler", "trainer"):
+            w[f"{side}_logits_dtype"] = W.Dropdown(options=DTYPES, value=getattr(kn, f"{side}_logits_dtype"),
+                                                   description=f"{side} logits", style=style)
+            # step 0.005 up to NOISE_MAX: fine enough near 0, where the clipped fraction first moves
+            w[f"{side}_logit_noise"] = W.FloatSlider(
+                value=getattr(kn, f"{side}_logit_noise"), min=0.0, max=NOISE_MAX, step=0.005, readout_format=".3f",
+                description=f"{side} noise", continuous_update=False, style=style)
+        w["replay_sampling_mask"] = W.Checkbox(value=kn.replay_sampling_mask, description="replay sampling mask",
+                                               indent=False)
+        box = W.VBox([w[name] for name in NUMERICS_CASTS])
+        return W.Accordion(children=[box], titles=("Numerics",), selected_index=None)  # collapsed
+
+    def numerics(self):
+        """The "Numerics" group opened, to show beside a notebook's text: the same widgets as the
+        panel's (moving either sets the knobs). Without a frontend: the numerics knobs' values the next
+        update uses, as a dict."""
+        if not self.widgets:
+            requested = self.run.knobs.requested
+            return {name: requested[name] for name in NUMERICS_CASTS}
+        self.widgets["numerics"].selected_index = 0
+        return self.widgets["numerics"]
 
     def _param_widget(self, p, value):
         return param_widget(p, value, lambda ch, name=p.name: self._set_knob(ch, objective_params={name: ch["new"]}),
@@ -135,10 +178,12 @@ class PanelWidgets:
             self.widgets["objective"].value = kn.objective
             self.widgets["lr"].value = kn.lr
             self.widgets["temperature"].value = kn.temperature
+            for name in NUMERICS_CASTS:
+                self.widgets[name].value = getattr(kn, name)
             mode = self.widgets["mode"].value
             self.widgets["staleness"].value = kn.sync_every if mode == "sync" else kn.staleness
         finally:
             self._suppress = False
 
 
-__all__ = ["MODES", "STALENESS_MAX", "PanelWidgets"]
+__all__ = ["DTYPES", "MODES", "NOISE_MAX", "NUMERICS_CASTS", "STALENESS_MAX", "PanelWidgets"]

@@ -14,7 +14,6 @@ distribution actually sampled from, as ``TransformersSampler`` records it.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from workbench.steps.generate.sampler import SamplingParams, adaptive_temperatures, process_logits
 from workbench.steps.generate.transformers_sampler import CACHE_ARG
@@ -26,6 +25,9 @@ def continue_rows(model, rows: list[list[int]], budgets: list[int], params: Samp
     """Extend each of ``rows`` (prompt ids followed by the response so far) by up to ``budgets[i]``
     sampled tokens. Returns per row (new token ids, their behaviour log-probs, stopped at a stop id).
     Rows with a budget of 0 return ``([], [], False)`` and cost nothing. CPU generator, CPU results."""
+    # imported here: transformers is ~2 s of importing workbench.config
+    from transformers import DynamicCache
+
     out: list[tuple[list[int], list[float], bool]] = [([], [], False) for _ in rows]
     live = [i for i, b in enumerate(budgets) if b > 0]
     if not live:

@@ -23,12 +23,11 @@ Left out: repetition penalties, stop strings, beam search, speculative decoding.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 import torch
-import transformers
 from packaging.version import Version
-from transformers import DynamicCache
 
 from workbench.errors import WorkbenchError
 from workbench.policy.numerics import kept_ids
@@ -43,7 +42,9 @@ if TYPE_CHECKING:
 # The forward's keyword for the KV cache, and the output field that returns it: ``cache`` from
 # transformers 5.24 (where ``past_key_values`` is deprecated, to be removed in 5.40); earlier
 # releases know only ``past_key_values`` (the vLLM CPU build of the engine tests pins < 5.20).
-CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+# The installed version is read from its metadata: transformers itself is imported where a cache is made
+# (~2 s of importing workbench.config otherwise).
+CACHE_ARG = "cache" if Version(version("transformers")) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 
@@ -118,6 +119,9 @@ class TransformersSampler:
         work when prompts are longer than answers). Finished rows are dropped from the batch and
         the cache ("compaction"), so rows that end early stop costing (``model.generate`` does
         neither)."""
+        # imported here: transformers is ~2 s of importing workbench.config
+        from transformers import DynamicCache
+
         N, max_new = prompt_ids.shape[0], params.max_new_tokens
         B = N * group_size
         device = prompt_ids.device
