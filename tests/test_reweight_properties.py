@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,6 +93,7 @@ def _run(name, params, lp, beh, adv, mask, agg):
     return loss.detach(), leaf.grad, metrics
 
 
+@pytest.mark.slow  # ~19 s (50 generated batches x every objective): CI's slow line
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches(), agg=st.sampled_from(AGGREGATIONS))
 def test_finite_loss_and_gradients_zero_on_padding_no_warnings(batch, agg):

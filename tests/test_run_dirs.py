@@ -22,7 +22,7 @@ from workbench.cli import main as cli_main
 from workbench.cli.run import _finish
 from workbench.config import RunConfig
 from workbench.errors import WorkbenchError
-from workbench.loop import Run
+from workbench.loop import Run, _run_name
 from workbench.policy.model import TINY_MODEL, ModelConfig, build_model
 from workbench.policy.tokenizer import build_char_tokenizer
 from workbench.runs import files as run_files
@@ -386,3 +386,10 @@ def test_a_lock_released_from_a_finalizer_inside_acquire_does_not_deadlock(tmp_p
     worker.join(10)
     assert done.is_set(), "release deadlocked on the guard its own thread holds"
     assert not (tmp_path / "old" / "run.lock").exists()
+
+
+def test_generated_run_names_say_the_lag_or_that_it_is_simulated():
+    fixed = _run_name(RunConfig(staleness=16, objective="m2po", seed=3))
+    assert fixed.startswith("addition-m2po-s16-seed3-")
+    simulated = _run_name(RunConfig(staleness_mode="async", seed=1))
+    assert simulated.startswith("addition-ppo_clip-async-seed1-"), simulated

@@ -102,6 +102,7 @@ def wait_for(cond, timeout=120.0, every=0.02):
 
 
 # ------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow  # ~22 s (two CLI processes, signals, a resume): CI's slow line
 def test_sigterm_and_sigint_stop_with_a_checkpoint_and_resume_exactly(model_dir, tmp_path, reference, capsys,
                                                                      monkeypatch):
     monkeypatch.setattr("workbench.charts.save_png", lambda spec, path: path)  # the resume's charts.png: not tested here

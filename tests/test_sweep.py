@@ -285,6 +285,7 @@ def _write_notebook(path):
     return path
 
 
+@pytest.mark.slow  # ~13 s (papermill kernels per cell): CI's slow line
 def test_notebook_cells(base, tmp_path):
     pytest.importorskip("papermill")
     nb = _write_notebook(tmp_path / "tiny.ipynb")

@@ -77,6 +77,7 @@ def test_sigterm_to_a_serial_sweep_stops_it_and_the_rerun_matches_uninterrupted_
         assert deterministic(read_metrics(d)).equals(deterministic(ref)), d.name
 
 
+@pytest.mark.slow  # ~15 s (a pool of worker processes): CI's slow line
 def test_ctrl_c_to_a_pool_sweep_stops_every_worker_with_a_checkpoint(model_dir, tmp_path):
     cfg_path = tmp_path / "base.json"
     cfg_path.write_text(base(model_dir, tmp_path, 100).to_json())

@@ -166,10 +166,7 @@ class Run:
         # metrics row
         stale = (k - minibatch.policy_version).float()  # [B] staleness at the start of this update
         row: dict[str, Any] = {"update": k, "policy_version": self.version}
-        row.update(self._knob_columns())
-        row.update(score_stats)
-        row.update(buffer_stats)
-        row.update(metrics)
+        row.update({**self._knob_columns(), **score_stats, **buffer_stats, **metrics})  # later keys win, as before
         row.update({"offpolicy/staleness_mean": float(stale.mean()), "offpolicy/staleness_max": float(stale.max()),
                     "offpolicy/staleness_min": float(stale.min()), "batch/sequences": float(len(minibatch))})
         if self.version % cfg.eval_every == 0 or self.version == cfg.steps:  # and always at the run's end
@@ -397,4 +394,5 @@ class Run:
 
 
 def _run_name(config: RunConfig) -> str:
-    return f"{config.task}-{config.objective}-s{config.staleness}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    lag = "async" if config.staleness_mode == "async" else f"s{config.staleness}"  # an async run's lag is simulated
+    return f"{config.task}-{config.objective}-{lag}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
