@@ -95,6 +95,14 @@ LIVE_RANGES = {
     "max_staleness": ("an integer >= 0, or -1 for no limit", [-1, 0, 5], [-2]),
     "lr": ("a float in (0, 1)", [1e-6, 0.999], [0.0, 1.0]),
     "temperature": ("a float > 0", [1e-3, 3.0], [0.0, -1.0]),
+    # the numerics knobs (workbench.knobs.NUMERICS_FIELDS)
+    "top_p": ("a float in (0, 1]", [0.05, 1.0], [0.0, 1.5]),
+    "top_k": ("an integer >= 0", [0, 40], [-1]),
+    "sampler_logits_dtype": ("'' (exact) | bf16 | fp16", ["", "bf16", "fp16"], ["int8", "bfloat16"]),
+    "trainer_logits_dtype": ("'' (exact) | bf16 | fp16", ["", "bf16", "fp16"], ["float16"]),
+    "sampler_logit_noise": ("a finite float >= 0 (0 = off)", [0.0, 0.5], [-0.1]),
+    "trainer_logit_noise": ("a finite float >= 0 (0 = off)", [0.0, 2.0], [-1.0]),
+    "replay_sampling_mask": ("true or false", [True, False], [1, "yes"]),
 }
 
 
