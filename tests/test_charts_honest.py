@@ -24,7 +24,7 @@ import vl_convert as vlc
 
 from workbench.charts.style import (COUNT, LINEAR, METRICS, PANELS, QUADRATIC, Flat, Metric, apply_floor,
                                    flat_value, floor_note, key_panels, metric, smooth_frame)
-from workbench.charts import chart_spec, spec_and_version
+from workbench.charts import chart_spec, event_label, spec_and_version
 from workbench.errors import WorkbenchError
 from workbench.steps.reweight import OBJECTIVES, policy_loss
 from workbench.steps.reweight.core import KeyMetric, Param, register_objective
@@ -203,6 +203,9 @@ def test_knob_changes_are_rules_on_every_panel_and_one_legend_row_each():
         assert rules[0]["encoding"]["stroke"]["scale"]["domain"] == rows
         assert not any(layer["mark"]["type"] == "text" for layer in p["layer"])
     assert "stroke" not in spec["resolve"]["scale"]  # shared: one legend for the whole grid
+    # a dtype knob set back to '' (no rounding) says so, not "sampler_logits_dtype="
+    assert event_label({"sampler_logits_dtype": "", "top_k": 50}) == "sampler_logits_dtype=exact top_k=50"
+    assert event_label({"trainer_logits_dtype": "bf16"}) == "trainer_logits_dtype=bf16"
     svg = svg_of(spec)
     assert group_texts(svg, "Symbol legend titled 'knob changes'", "role-legend-label") == rows
     parents = {child: g for g in svg.iter() for child in g}

@@ -99,6 +99,12 @@ def test_a_recorded_numerics_session_replays_to_identical_metrics(tokenizer, tin
     clip = [r["offpolicy/clipfrac"] for r in live.rows]
     assert clip[0] == 0.0 and clip[1] > 0.0  # the noise acted from its update on
     assert replay.knobs.applied.sampler_logits_dtype == "bf16"
+    # each update's row logs the numerics it ran with, as the other live knobs (knob/<field>)
+    logged = {k: [r[f"knob/{k}"] for r in live.rows] for k in ("trainer_logit_noise", "top_p", "sampler_logits_dtype",
+                                                                "replay_sampling_mask")}
+    assert logged == {"trainer_logit_noise": [0.0, 0.2, 0.2, 0.0, 0.0], "top_p": [1.0, 1.0, 0.8, 0.8, 0.8],
+                      "sampler_logits_dtype": ["", "", "", "bf16", "bf16"],
+                      "replay_sampling_mask": [False, False, True, True, True]}
 
 
 def test_replay_mask_set_live_brings_a_truncated_sampler_back_on_policy(tokenizer, tiny_model_config):

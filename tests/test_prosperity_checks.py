@@ -142,6 +142,10 @@ def test_online_dpo_check_compares_drops_from_the_lowest_staleness():
     assert (c.holds, c.settled) == (False, True)
     c = check_online_dpo(_collapse_frame(), 64)
     assert c.holds is None and c.evidence == "not measured: add online_dpo to the grid"
+    one = _dpo_frame().filter(pl.col("staleness") != 4)  # one stale staleness: no drop to measure
+    c = check_online_dpo(one, 64)
+    assert c.holds is None and "from a lower staleness to 64" in c.statement
+    assert c.evidence == "not measured: needs two stale staleness values in the grid"
 
 
 def test_drop_gap_needs_two_runs_per_group_and_is_deterministic():

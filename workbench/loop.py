@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from workbench.config import RunConfig
-from workbench.knobs import Knobs
+from workbench.knobs import NUMERICS_FIELDS, Knobs
 from workbench.errors import WorkbenchError
 from workbench.lint import nonfinite_message
 from workbench.ope import OPEMonitor
@@ -363,6 +363,7 @@ class Run:
         cols = {"knob/objective": kn.objective, "knob/staleness": kn.staleness, "knob/sync_every": kn.sync_every,
                 "knob/lr": self.optimizer.param_groups[0]["lr"], "knob/temperature": kn.temperature}
         cols.update({f"knob/{p}": v for p, v in kn.objective_params.items() if isinstance(v, (int, float))})
+        cols.update({f"knob/{k}": getattr(kn, k) for k in NUMERICS_FIELDS})  # top-p/k, dtypes, noise, replay
         return cols
 
     def save_checkpoint(self, final: bool = False) -> Path:

@@ -49,6 +49,10 @@ LOG_SCALES = ("off", "auto")  # or a list of panel ids (chart_style.Panel.id)
 KNOB_COLOURS = ["#333333", "#7b2d8e", "#a05a00", "#1b4f8a", "#0e6b50", "#9b1c1c"]
 
 
+EMPTY_MEANS = {"sampler_logits_dtype": "exact", "trainer_logits_dtype": "exact"}
+"""What a knob's empty value means, for the labels ('' is "no rounding" for the logit dtypes)."""
+
+
 def event_label(changes: dict[str, Any]) -> str:
     """Short text of one knob change, e.g. ``staleness=32 objective=m2po tau=0.08``."""
     parts = []
@@ -57,7 +61,7 @@ def event_label(changes: dict[str, Any]) -> str:
             if "objective" not in changes:  # a switch resets every parameter: the name says enough
                 parts.extend(f"{p}={_fmt(x)}" for p, x in v.items())
         else:
-            parts.append(f"{k}={_fmt(v)}")
+            parts.append(f"{k}={EMPTY_MEANS.get(k, '') if v == '' else _fmt(v)}")
     return " ".join(parts)
 
 

@@ -115,7 +115,8 @@ def check_online_dpo(runs: pl.DataFrame, staleness: int) -> Check:
     """(g) online_dpo's drop in final accuracy from the lowest stale staleness to ``staleness`` is the smallest."""
     stale = sorted(x for x in runs["staleness"].unique().to_list() if 0 < x <= staleness)
     low = stale[0] if stale else staleness
-    statement = (f"online_dpo's drop in final accuracy from staleness {low} to {staleness} is the smallest of the "
+    start = f"staleness {low}" if low < staleness else "a lower staleness"  # a grid of one staleness: not "256 to 256"
+    statement = (f"online_dpo's drop in final accuracy from {start} to {staleness} is the smallest of the "
                  "grid's objectives")
     if not (len(_present(runs, "online_dpo", low)) and len(_present(runs, "online_dpo", staleness))):
         return Check("g", statement, None, _missing(["online_dpo"]), source=ASYNC_PAPER)
