@@ -339,17 +339,18 @@ def test_a_stopped_report_is_one_line_with_the_signal_exit_code_and_writes_no_re
     assert not out.exists()
 
 
-def test_the_scratchpad_regime_runs_every_objective_of_its_grid_on_the_scratchpad_task(tmp_path):
-    full = SIZES["scratchpad"]
+def test_the_report_runs_every_objective_of_its_grid_in_the_scratchpad_regime(tmp_path):
+    full = SIZES["cpu"]
     base = base_config(full)
     assert (base.task, base.lr, base.prefill_to_steps) == ("scratchpad", 2e-5, True)
     assert dict(base.rewards) == {"final_answer": 1.0}  # graded as the task verifies: the final answer
-    assert SIZES["scratchpad-workshop"].overrides == full.overrides
+    assert SIZES["workshop"].overrides == full.overrides
+    assert base_config(SIZES["addition"]).task == "addition" and not SIZES["addition-workshop"].overrides
     assert report_path("cpu") == "reports/prosperity.md"
-    assert report_path("scratchpad") == "reports/prosperity-scratchpad.md"
+    assert report_path("addition") == "reports/prosperity-addition.md"
     out = str(tmp_path / "runs")
     # the grid's two objectives that no other report grid has, on the scratchpad task, 2 updates each
-    size = resolve_size("scratchpad", steps=2, staleness="3", objectives="clip_cov,online_dpo", seeds=1)
+    size = resolve_size("cpu", steps=2, staleness="3", objectives="clip_cov,online_dpo", seeds=1)
     assert {"clip_cov", "online_dpo"} <= set(full.objectives)
     df = run_sweeps(size, base=tiny_base(size, out), workers=0, progress=False, log=lambda s: None)
     runs = runs_table(df)

@@ -13,8 +13,9 @@ import sys
 import time
 
 from workbench.sweeps import SweepStopped
-from workbench.studies.prosperity import (SIZES, check_claims, drift_matched_staleness, load_sweeps, report_path,
-                                          run_sweeps, runs_table, summary_table, sweep_base, sweep_prefix)
+from workbench.studies.prosperity import (SIZES, base_config, check_claims, drift_matched_staleness, load_sweeps,
+                                          report_path, run_sweeps, runs_table, summary_table, sweep_base,
+                                          sweep_prefix)
 from workbench.studies.prosperity_sweeps import wall_seconds
 
 
@@ -27,8 +28,9 @@ def add_parser(sub) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES),
-                        help="; ".join(f"{k}: staleness {v.staleness} x {len(v.objectives)} objectives x {v.seeds} "
-                                       f"seed(s) x {v.steps} updates, {v.minutes} min on 2 cores"
+                        help="; ".join(f"{k}: {base_config(v).task} task, staleness {v.staleness} x "
+                                       f"{len(v.objectives)} objectives x {v.seeds} seed(s) x {v.steps} updates, "
+                                       f"{v.minutes} min on 2 cores"
                                        for k, v in SIZES.items()))
     parser.add_argument("--out", default=None, help="the report (figures go to <stem>/; default: "
                         "reports/prosperity.md for --size cpu, reports/prosperity-<size>.md otherwise)")

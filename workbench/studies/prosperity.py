@@ -20,7 +20,7 @@ tau (0.06% masked) keeps on-policy accuracy at staleness 256.
 reference ``prosperity-onpolicy`` (staleness 0, ``ppo_clip``: at staleness 0 with one minibatch
 every objective here sees ratios of 1 and computes the same gradient, so it is run once, not once
 per objective) and the grid ``prosperity-stale`` (``staleness`` x ``objective``), each over the
-same seeds. ``SIZES`` names the scales; the built-in default model and task are used unchanged.
+same seeds. ``SIZES`` names the scales, each a grid and its overrides of the built-in default run.
 
 **Statistics** (``runs_table``, in ``workbench.studies.prosperity_stats``). ``final``: mean of the
 last ``FINAL_EVALS`` held-out evaluations (one evaluation on 256 problems has a binomial standard
@@ -36,15 +36,21 @@ from other papers (TOPR, Clip-Cov / KL-Cov, online DPO), which statements reprod
 stale can I go?" are in ``workbench.studies.prosperity_checks`` and
 ``workbench.studies.prosperity_howstale``.
 
-**Seeds, and what they cost.** The report's grid (``SIZES["cpu"]``) runs 3 seeds per cell: 63
-runs of 300 updates, about 135 minutes on 2 cores, half again the 42 runs (about 90 minutes) of 2
-seeds. Two seeds give a bootstrap interval that is just their range, one seed none at all; three
-is the fewest at which an interval across seeds means something, and still covers less than 95%.
-The workshop size keeps one seed (7 runs, about 8 minutes, for a classroom): its report shows
-each run's Wilson interval of one evaluation instead, the evaluation noise only. A named size's
-folders do not carry its seed count: a 2-seed folder resumed by the 3-seed grid keeps the runs
-whose configs are unchanged and adds the third seed, said in one line before it runs; two folders
-recording different seed counts are refused, and the report states its seed count
+**Sizes.** The report's grid (``SIZES["cpu"]``) and its classroom version (``"workshop"``) run
+the scratchpad regime (``SCRATCHPAD``): the ``scratchpad`` task, whose long answers have few
+forking tokens, at the learning rate where a lag of 256 updates drifts about as far as the
+paper's. ``"addition"`` and ``"addition-workshop"`` are the same grid on the built-in default
+task (3-token answers, lr 2e-4), where one update moves the policy much farther
+(reports/prosperity-addition.md).
+
+**Seeds, and what they cost.** The report's grid runs 3 seeds per cell (39 runs of 100 updates).
+Two seeds give a bootstrap interval that is just their range, one seed none at all; three is the
+fewest at which an interval across seeds means something, and still covers less than 95%. The
+workshop size keeps one seed (4 runs, for a classroom): its report shows each run's Wilson
+interval of one evaluation instead, the evaluation noise only. A named size's folders do not
+carry its seed count: a 2-seed folder resumed by the 3-seed grid keeps the runs whose configs are
+unchanged and adds the third seed, said in one line before it runs; two folders recording
+different seed counts are refused, and the report states its seed count
 (``workbench.studies.prosperity_sweeps``).
 
 Left out: staleness-adaptive learning rates, the paper's model sizes and tasks (see the report's
@@ -94,24 +100,24 @@ class Size:
     """RunConfig fields over the defaults (empty: the built-in default run)."""
 
 
-# The scratchpad regime (docs/design.md, "Tasks with LLM-like token statistics"): long answers with few
+# The report's regime (docs/design.md, "Tasks with LLM-like token statistics"): long answers with few
 # forking tokens (workbench/tasks/scratchpad.py), graded on the final answer only, at the learning rate
-# where a lag of 256 updates drifts about as far as the paper's: ppo_clip clipped 1.55% of tokens at lr
-# 2e-5 (3.5% at 2e-4; GRPO 1.22% in the paper). Every run generates only the batches it trains on
+# where a lag of 256 updates drifts about as far as the paper's: ppo_clip clipped 1.38% of tokens at lr
+# 2e-5 over the report's grid (3.5% at 2e-4 in a pilot; GRPO 1.22% in the paper). Every run generates only the batches it trains on
 # (prefill_to_steps), and no run measures the sampler/trainer mismatch (exact fp32 here: ~1e-7).
 SCRATCHPAD = {"task": "scratchpad", "rewards": (("final_answer", 1.0),), "lr": 2e-5, "prefill_to_steps": True,
               "measure_mismatch": False}
 
 SIZES: dict[str, Size] = {
-    "cpu": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=3,
-                steps=300, minutes="about 135 (estimated: 2 seeds took about 90)"),
-    "workshop": Size(staleness=(64, 256), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=150,
-                     minutes="about 8"),
-    "scratchpad": Size(staleness=(16, 256), objectives=("ppo_clip", "is", "m2po", "topr", "clip_cov", "online_dpo"),
-                       seeds=3, steps=100, minutes="about 150 (estimated: 39 runs at ~4.5 s per update)",
-                       overrides=SCRATCHPAD),
-    "scratchpad-workshop": Size(staleness=(256,), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=50,
-                                minutes="about 8 (estimated)", overrides=SCRATCHPAD),
+    "cpu": Size(staleness=(16, 256), objectives=("ppo_clip", "is", "m2po", "topr", "clip_cov", "online_dpo"),
+                seeds=3, steps=100, minutes="about 77 (measured: 39 runs, ~220 s each, 2 in parallel)",
+                overrides=SCRATCHPAD),
+    "workshop": Size(staleness=(256,), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=50,
+                     minutes="about 7 (6 min 39 s measured, the warm start's 38 s included)", overrides=SCRATCHPAD),
+    "addition": Size(staleness=(4, 16, 64, 256), objectives=("ppo_clip", "is", "m2po", "cispo", "topr"), seeds=3,
+                     steps=300, minutes="about 135 (estimated: 2 seeds took about 90)"),
+    "addition-workshop": Size(staleness=(64, 256), objectives=("ppo_clip", "is", "m2po"), seeds=1, steps=150,
+                              minutes="about 10 (9 min 45 s measured)"),
 }
 REPORTS = {"cpu": "reports/prosperity.md"}
 """Where ``python -m workbench report --size <size>`` writes; other sizes: reports/prosperity-<size>.md."""
